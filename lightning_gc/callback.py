@@ -1,0 +1,137 @@
+"""The Lightning glue: apply a :class:`~lightning_gc.plan.GCPlan` in ``on_before_optimizer_step``."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_gc.centralize import Mode
+from lightning_gc.config import GCConfig
+from lightning_gc.diagnostics import GCStats
+from lightning_gc.plan import GCPlan, plan_signature
+from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES
+from lightning_gc.sharding import check_strategy
+
+
+class GradientCentralization(Callback):
+    r"""Gradient Centralization (Yong et al., ECCV 2020) for every optimizer step.
+
+    Before each ``optimizer.step()`` (after gradient accumulation, AMP unscaling and DDP's all-reduce, before
+    gradient clipping), each selected weight gradient ``g`` becomes ``g - g.mean(dim=(1, ..., n-1),
+    keepdim=True)``: every output unit's gradient sums to zero. Only the parameters of the optimizer being
+    stepped are touched, so GANs with several optimizers work as expected.
+
+    Args:
+        conv_only: centralize only convolution weights (``Conv1d/2d/3d`` and transposed), the paper's GCC variant.
+        mode: ``"channel"`` (the paper: one mean per output unit) or ``"tensor"`` (one mean over the whole
+            weight, as some write-ups do).
+        centralize_weight_decay: centralize ``g + lambda * w`` as the paper's SGD_GC does, for optimizers with
+            coupled weight decay (SGD, Adam, RMSprop, ... with ``weight_decay > 0``). Decoupled decay (AdamW)
+            never enters the gradient: a warning says so and only ``g`` is centralized.
+        exclude: ``fnmatch`` patterns of qualified parameter names to leave alone, e.g. ``["head.*"]``.
+        exclude_modules: module classes, or class names, whose parameters are left alone. Defaults to
+            embedding tables (``Embedding``, ``EmbeddingBag``); pass ``[]`` to centralize them too.
+        log_diagnostics: at the trainer's logging interval, log ``gc/removed_norm_ratio``
+            (``||g - GC(g)|| / ||g||``), ``gc/grad_norm`` (before GC, unscaled), ``gc/centralized_tensors`` and
+            ``gc/centralized_elements``. Costs one read of the gradients on logging steps only.
+
+    Raises:
+        ValueError: for an invalid option, naming it and the accepted values.
+        UnsupportedGradientLayoutError: at ``setup``, under a strategy whose gradient layout is not supported.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_gc import GradientCentralization
+        >>> trainer = Trainer(callbacks=[GradientCentralization(conv_only=True)], logger=False)
+
+    Transposed convolutions keep output channels in dim 1 (weight ``(in, out // groups, *kernel)``); they are
+    centralized per output channel, where the paper's official code averages over dims ``1..n-1``.
+    """
+
+    def __init__(
+        self,
+        conv_only: bool = False,
+        mode: Mode = "channel",
+        centralize_weight_decay: bool = False,
+        exclude: Sequence[str] = (),
+        exclude_modules: Sequence[Union[str, type]] = DEFAULT_EXCLUDED_MODULES,
+        log_diagnostics: bool = True,
+    ) -> None:
+        if not isinstance(log_diagnostics, bool):
+            raise ValueError(f"`log_diagnostics` must be True or False, got {log_diagnostics!r}")
+        self.config = GCConfig(
+            conv_only=conv_only,
+            mode=mode,
+            centralize_weight_decay=centralize_weight_decay,
+            exclude=tuple(exclude) if not isinstance(exclude, str) else (exclude,),
+            exclude_modules=tuple(exclude_modules) if not isinstance(exclude_modules, str) else exclude_modules,
+        )
+        self.log_diagnostics = log_diagnostics
+        self.optimizer_steps = 0
+        self._plans: dict[int, tuple[Hashable, GCPlan]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(config=self.config.key())
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy)
+        self._plans.clear()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in some call paths
+        plan = self._plan_for(optimizer, pl_module, trainer)
+        log = self.log_diagnostics and bool(trainer.loggers) and trainer._logger_connector.should_update_logs
+        stats = plan.apply(compute_stats=log, grad_scale=_grad_scale(trainer, optimizer))
+        self.optimizer_steps += 1
+        if log:
+            self._log(pl_module, trainer, optimizer, stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.key(), "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer_steps = state_dict.get("optimizer_steps", 0)
+
+    def _plan_for(self, optimizer: Optimizer, module: nn.Module, trainer: pl.Trainer) -> GCPlan:
+        signature = plan_signature(optimizer)
+        cached = self._plans.get(id(optimizer))
+        if cached is None or cached[0] != signature:
+            plan = GCPlan.for_optimizer(
+                optimizer,
+                self.config.selector(),
+                self.config.mode,
+                module=module,
+                centralize_weight_decay=self.config.centralize_weight_decay,
+                warn=rank_zero_warn,
+                strategy_name=type(trainer.strategy).__name__,
+            )
+            cached = self._plans[id(optimizer)] = (signature, plan)
+        return cached[1]
+
+    def _log(self, pl_module: pl.LightningModule, trainer: pl.Trainer, optimizer: Optimizer, stats: GCStats) -> None:
+        prefix = "gc/"
+        if len(trainer.optimizers) > 1:
+            index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+            prefix = f"gc/optimizer{index}/"
+        for name, value in stats.metrics(prefix).items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
+    """The loss scale still in the gradients: non-1 only for fused optimizers under fp16 AMP.
+
+    Lightning unscales before the hook unless the optimizer unscales inside its own ``step``.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0
+    return float(scaler.get_scale())

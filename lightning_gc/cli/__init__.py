@@ -1,0 +1,28 @@
+"""The ``lightning-gc`` command: ``new`` renders a template project, ``compare`` runs baseline vs GC."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-gc`` console script."""
+    parser = argparse.ArgumentParser(prog="lightning-gc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _subcommands():
+        module.register(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return int(args.run(args, extra) or 0)
+
+
+def _subcommands() -> list:
+    """Each subcommand module exposes ``register(subparsers)`` setting ``run`` as the parser's default."""
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

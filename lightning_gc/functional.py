@@ -1,0 +1,87 @@
+"""Gradient Centralization for plain PyTorch and Lightning Fabric loops."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_gc.centralize import Mode
+from lightning_gc.config import GCConfig
+from lightning_gc.diagnostics import GCStats
+from lightning_gc.plan import GCPlan
+from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec
+
+
+def centralize_gradients(
+    model_or_params: nn.Module | Iterable[nn.Parameter],
+    *,
+    optimizer: Optimizer | None = None,
+    conv_only: bool = False,
+    mode: Mode = "channel",
+    centralize_weight_decay: bool = False,
+    exclude: Sequence[str] = (),
+    exclude_modules: Sequence[ModuleSpec] = DEFAULT_EXCLUDED_MODULES,
+    compute_stats: bool = False,
+) -> GCStats:
+    """Centralize gradients in place: call it after ``backward()`` and before ``optimizer.step()``.
+
+    Given a module, module types are known: ``conv_only``, the embedding exclusion (``exclude_modules``) and
+    transposed convolutions (centralized per output channel, dim 1) work as in the callback. Given an
+    iterable of parameters, only the dimension rule (``ndim >= 2``) and ``exclude`` patterns (matched
+    against ``param_<i>``) apply; ``conv_only=True`` is then an error.
+
+    Args:
+        model_or_params: the model, or the parameters to consider.
+        optimizer: restrict to this optimizer's parameters; needed for ``centralize_weight_decay``.
+        conv_only, mode, centralize_weight_decay, exclude, exclude_modules: as in
+            :class:`~lightning_gc.GradientCentralization`.
+        compute_stats: also measure the gradient norm and the removed-norm ratio (one extra read pass).
+
+    Returns:
+        :class:`~lightning_gc.diagnostics.GCStats` for the tensors centralized.
+
+    Raises:
+        ValueError: for invalid options, or ``centralize_weight_decay`` without ``optimizer``.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+        >>> model(torch.randn(2, 1, 28, 28)).sum().backward()
+        >>> stats = centralize_gradients(model)
+        >>> stats.tensors
+        2
+    """
+    config = GCConfig(
+        conv_only=conv_only,
+        mode=mode,
+        centralize_weight_decay=centralize_weight_decay,
+        exclude=tuple(exclude),
+        exclude_modules=tuple(exclude_modules),
+    )
+    if centralize_weight_decay and optimizer is None:
+        raise ValueError("`centralize_weight_decay=True` needs `optimizer=`: the decay is read from its param groups")
+    plan = build_plan(model_or_params, config, optimizer)
+    return plan.apply(compute_stats=compute_stats)
+
+
+def build_plan(
+    model_or_params: nn.Module | Iterable[nn.Parameter], config: GCConfig, optimizer: Optimizer | None = None
+) -> GCPlan:
+    """The :class:`~lightning_gc.plan.GCPlan` for ``config``; keep it to skip re-planning on every step."""
+    selector = config.selector()
+    module = model_or_params if isinstance(model_or_params, nn.Module) else None
+    if optimizer is not None:
+        only = None if module is not None else {id(p) for p in model_or_params}
+        return GCPlan.for_optimizer(
+            optimizer, selector, config.mode, module, config.centralize_weight_decay, warn=_warn, only=only
+        )
+    if module is not None:
+        return GCPlan.for_module(module, selector, config.mode, warn=_warn)
+    return GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)

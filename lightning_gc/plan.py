@@ -1,0 +1,186 @@
+"""A plan: which gradients of one optimizer GC touches and how, built once and applied every step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_gc.centralize import Mode, row_mean
+from lightning_gc.diagnostics import GCStats
+from lightning_gc.selection import Selector, Target
+from lightning_gc.sharding import check_dense_gradient
+from lightning_gc.weight_decay import DecayKind, compensation, decay_kind
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PlannedTarget:
+    """A target and the coupled weight-decay coefficient to compensate for (0.0: none)."""
+
+    target: Target
+    decay: float = 0.0
+
+
+class GCPlan:
+    """The gradients GC touches for one optimizer (or one set of parameters), and how.
+
+    Build it with :meth:`for_optimizer` or :meth:`for_params`; call :meth:`apply` after every backward.
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> plan = GCPlan.for_params(model.parameters(), Selector(), mode="channel")
+        >>> model(torch.randn(4, 3)).sum().backward()
+        >>> stats = plan.apply()
+        >>> bool(model.weight.grad.sum(dim=1).abs().max() < 1e-6)
+        True
+    """
+
+    def __init__(self, targets: list[PlannedTarget], mode: Mode, warn: Warn, strategy_name: str = "") -> None:
+        self.targets = targets
+        self.mode = mode
+        self._warn = warn
+        self._strategy_name = strategy_name
+        self._sparse_warned = False
+
+    @classmethod
+    def for_optimizer(
+        cls,
+        optimizer: Optimizer,
+        selector: Selector,
+        mode: Mode,
+        module: nn.Module | None = None,
+        centralize_weight_decay: bool = False,
+        warn: Warn = print,
+        strategy_name: str = "",
+        only: set[int] | None = None,
+    ) -> GCPlan:
+        """Plan for the parameters in ``optimizer.param_groups`` (owners looked up in ``module`` if given).
+
+        ``only`` restricts the plan to parameters with these ``id``s.
+        """
+        planned: list[PlannedTarget] = []
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if only is None or id(p) in only]
+            targets = selector.select_from_module(module, params) if module is not None else selector.select_from_params(params)
+            decay = _decay_for_group(optimizer, group, warn) if centralize_weight_decay and targets else 0.0
+            planned.extend(PlannedTarget(t, decay) for t in targets)
+        _warn_about_selection(selector, planned, f"{type(optimizer).__name__} optimizer", warn)
+        return cls(planned, mode, warn, strategy_name)
+
+    @classmethod
+    def for_module(cls, module: nn.Module, selector: Selector, mode: Mode, warn: Warn = print) -> GCPlan:
+        """Plan for all parameters of ``module``, with module types known."""
+        planned = [PlannedTarget(t) for t in selector.select_from_module(module)]
+        _warn_about_selection(selector, planned, type(module).__name__, warn)
+        return cls(planned, mode, warn)
+
+    @classmethod
+    def for_params(
+        cls, params: Iterable[nn.Parameter], selector: Selector, mode: Mode, warn: Warn = print
+    ) -> GCPlan:
+        """Plan for bare parameters: only the dimension rule and ``exclude`` patterns apply."""
+        planned = [PlannedTarget(t) for t in selector.select_from_params(params)]
+        _warn_about_selection(selector, planned, "given parameters", warn)
+        return cls(planned, mode, warn)
+
+    def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats:
+        """Centralize every planned gradient in place; skip those whose ``.grad`` is None.
+
+        Args:
+            compute_stats: also measure the gradient norm and what GC removed (one extra read pass).
+            grad_scale: the loss scale the gradients still carry (fused optimizers unscale themselves);
+                stats are reported unscaled and the weight-decay compensation is scaled to match.
+        """
+        live = self._live_gradients()
+        stats = GCStats(tensors=len(live), elements=sum(g.numel() for _, g in live))
+        if compute_stats and live:
+            stats.grad_sq = _sum_of_squares([g for _, g in live]) / grad_scale**2
+        removed: list[Tensor] = []
+        for planned, grad in live:
+            layout = planned.target.layout
+            mean = row_mean(grad, layout, self.mode)
+            if compute_stats:
+                removed.append(mean.square().sum() * (grad.numel() // mean.numel()))
+            if planned.decay:
+                weight_mean = row_mean(planned.target.param.detach(), layout, self.mode)
+                mean = mean + (planned.decay * grad_scale) * weight_mean
+            layout.view(grad).sub_(mean)
+        if compute_stats and live:
+            stats.removed_sq = torch.stack([r.float() for r in removed]).sum() / grad_scale**2
+        return stats
+
+    def _live_gradients(self) -> list[tuple[PlannedTarget, Tensor]]:
+        live = []
+        for planned in self.targets:
+            grad = planned.target.param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                self._warn_sparse(planned.target)
+                continue
+            check_dense_gradient(planned.target, grad, self._strategy_name)
+            live.append((planned, grad))
+        return live
+
+    def _warn_sparse(self, target: Target) -> None:
+        if not self._sparse_warned:
+            self._sparse_warned = True
+            self._warn(
+                f"GradientCentralization skips sparse gradients (first seen: `{target.name}`, e.g. from"
+                " `nn.Embedding(sparse=True)`): GC needs every entry of a row. Exclude the parameter to silence this."
+            )
+
+
+def plan_signature(optimizer: Optimizer) -> Hashable:
+    """Changes whenever the optimizer's parameters or decay settings do, so a cached plan can be reused."""
+    return tuple(
+        (tuple(map(id, g["params"])), g.get("weight_decay"), g.get("maximize"), g.get("decoupled_weight_decay"))
+        for g in optimizer.param_groups
+    )
+
+
+def _decay_for_group(optimizer: Optimizer, group: dict[str, Any], warn: Warn) -> float:
+    kind = decay_kind(optimizer, group)
+    name = type(optimizer).__name__
+    if kind is DecayKind.COUPLED:
+        return compensation(group)
+    if kind is DecayKind.DECOUPLED:
+        warn(
+            f"`centralize_weight_decay=True` does not apply to {name}: its weight decay is decoupled (it never"
+            " enters the gradient), so only the gradient is centralized. Use a coupled-decay optimizer (SGD, Adam"
+            " with weight_decay) for the paper's GC(g + lambda * w)."
+        )
+    elif kind is DecayKind.UNKNOWN:
+        warn(
+            f"`centralize_weight_decay=True`: lightning-gc does not know whether {name} couples its weight decay"
+            " into the gradient, so its decay is not centralized. Supported: "
+            "SGD, Adam, Adamax, Adagrad, Adadelta, RMSprop, ASGD, NAdam, RAdam."
+        )
+    return 0.0
+
+
+def _warn_about_selection(selector: Selector, planned: list[PlannedTarget], what: str, warn: Warn) -> None:
+    if selector.unmatched_patterns:
+        warn(f"GradientCentralization `exclude` patterns matched no parameter: {selector.unmatched_patterns}")
+    if not planned:
+        warn(
+            f"GradientCentralization found nothing to centralize in the {what}: GC applies to weights with"
+            " ndim >= 2 (conv, linear, RNN), minus `exclude`/`exclude_modules` (and non-conv layers if `conv_only`)."
+        )
+
+
+def _sum_of_squares(grads: list[Tensor]) -> Tensor:
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for group in by_dtype.values():
+        norms = torch._foreach_norm(group)
+        total = total + torch.stack([n.float() for n in norms]).square().sum()
+    return total
