@@ -9,7 +9,7 @@ Example:
 from lightning_gc.callback import GradientCentralization
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.functional import centralize_gradients
-from lightning_gc.sharding import UnsupportedGradientLayoutError
+from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
 
 __all__ = ["GCStats", "GradientCentralization", "UnsupportedGradientLayoutError", "centralize_gradients"]
 __version__ = "0.1.0"

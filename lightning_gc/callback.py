@@ -14,9 +14,10 @@ from torch.optim import Optimizer
 from lightning_gc.centralize import Mode
 from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
-from lightning_gc.plan import GCPlan, plan_signature
+from lightning_gc.plan import plan_signature
+from lightning_gc.sharding import AppliesGC
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES
-from lightning_gc.sharding import check_strategy
+from lightning_gc.sharding import LayoutAdapter, adapter_for
 
 
 class GradientCentralization(Callback):
@@ -74,14 +75,15 @@ class GradientCentralization(Callback):
         )
         self.log_diagnostics = log_diagnostics
         self.optimizer_steps = 0
-        self._plans: dict[int, tuple[Hashable, GCPlan]] = {}
+        self._plans: dict[int, tuple[Hashable, AppliesGC]] = {}
+        self._adapter: LayoutAdapter | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(config=self.config.key())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy)
+        self._adapter = adapter_for(trainer.strategy)
         self._plans.clear()
 
     def on_before_optimizer_step(
@@ -101,19 +103,13 @@ class GradientCentralization(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer_steps = state_dict.get("optimizer_steps", 0)
 
-    def _plan_for(self, optimizer: Optimizer, module: nn.Module, trainer: pl.Trainer) -> GCPlan:
+    def _plan_for(self, optimizer: Optimizer, module: nn.Module, trainer: pl.Trainer) -> AppliesGC:
+        if self._adapter is None:  # hook called without `setup`, e.g. a hand-driven loop
+            self._adapter = adapter_for(trainer.strategy)
         signature = plan_signature(optimizer)
         cached = self._plans.get(id(optimizer))
         if cached is None or cached[0] != signature:
-            plan = GCPlan.for_optimizer(
-                optimizer,
-                self.config.selector(),
-                self.config.mode,
-                module=module,
-                centralize_weight_decay=self.config.centralize_weight_decay,
-                warn=rank_zero_warn,
-                strategy_name=type(trainer.strategy).__name__,
-            )
+            plan = self._adapter.build_plan(optimizer, module, self.config, rank_zero_warn)
             cached = self._plans[id(optimizer)] = (signature, plan)
         return cached[1]
 

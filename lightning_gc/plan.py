@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from lightning_gc.centralize import Mode, row_mean
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.selection import Selector, Target
-from lightning_gc.sharding import check_dense_gradient
+from lightning_gc.sharding.guard import check_dense_gradient
 from lightning_gc.weight_decay import DecayKind, compensation, decay_kind
 
 Warn = Callable[[str], None]

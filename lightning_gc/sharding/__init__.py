@@ -1,53 +1,56 @@
-"""Gradient layouts other than one dense tensor per parameter, and the guard against the ones not handled.
+"""Gradient layouts, one adapter per layout, chosen from the strategy.
 
 Single-device and DDP-style strategies leave every rank a full, dense gradient of each parameter's
-logical shape: :mod:`lightning_gc.centralize` applies directly. Sharded strategies (FSDP, FSDP2/tensor
-parallel, DeepSpeed) each hand the hook a different layout; each gets an adapter here. Until one does,
-GC refuses them loudly instead of silently centralizing nothing.
+logical shape: :mod:`lightning_gc.centralize` applies directly (:mod:`~lightning_gc.sharding.dense`).
+Sharded strategies (FSDP, FSDP2/tensor parallel, DeepSpeed) each hand the hook a different layout; each
+gets an adapter module here. A layout no adapter handles is refused by :mod:`~lightning_gc.sharding.guard`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from torch import Tensor
+from lightning_gc.sharding.guard import UnsupportedGradientLayoutError, check_dense_gradient, check_strategy
 
 if TYPE_CHECKING:
-    from lightning_gc.selection import Target
+    from torch import nn
+    from torch.optim import Optimizer
+
+    from lightning_gc.config import GCConfig
+    from lightning_gc.diagnostics import GCStats
 
 
-class UnsupportedGradientLayoutError(RuntimeError):
-    """GC was asked to centralize a gradient whose layout it does not handle."""
+class AppliesGC(Protocol):
+    """A per-optimizer plan: centralizes that optimizer's gradients in place."""
+
+    def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats: ...
 
 
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+class LayoutAdapter(Protocol):
+    """Builds plans for one gradient layout."""
+
+    def build_plan(
+        self, optimizer: Optimizer, module: nn.Module, config: GCConfig, warn: Callable[[str], None]
+    ) -> AppliesGC: ...
 
 
-def check_strategy(strategy: object) -> None:
-    """Raise if ``strategy`` shards gradients in a layout lightning-gc cannot centralize exactly.
-
-    Raises:
-        UnsupportedGradientLayoutError: for FSDP, FSDP2/ModelParallel and DeepSpeed strategies.
-    """
-    for cls in type(strategy).__mro__:
-        if cls.__name__ in _SHARDED_STRATEGIES:
-            raise UnsupportedGradientLayoutError(
-                f"GradientCentralization does not support {type(strategy).__name__}: its gradients are sharded,"
-                " and centralizing the shards would be silently wrong. Supported strategies: single device,"
-                " DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook)."
-            )
-
-
-def check_dense_gradient(target: Target, grad: Tensor, strategy_name: str = "") -> None:
-    """Raise unless ``grad`` is a plain tensor of ``target.param``'s logical shape.
+def adapter_for(strategy: object) -> LayoutAdapter:
+    """The adapter for ``strategy``'s gradient layout.
 
     Raises:
-        UnsupportedGradientLayoutError: for DTensor gradients, flattened shards and any other shape mismatch.
+        UnsupportedGradientLayoutError: when no adapter handles the strategy.
     """
-    if type(grad).__name__ == "DTensor" or grad.shape != target.param.shape:
-        where = f" under {strategy_name}" if strategy_name else ""
-        raise UnsupportedGradientLayoutError(
-            f"GradientCentralization cannot centralize `{target.name}`{where}: its gradient is a"
-            f" {type(grad).__name__} of shape {tuple(grad.shape)}, but the parameter's logical shape is"
-            f" {tuple(target.param.shape)}. Centralizing a shard would be silently wrong."
-        )
+    check_strategy(strategy)
+    from lightning_gc.sharding.dense import DenseAdapter
+
+    return DenseAdapter(strategy_name=type(strategy).__name__)
+
+
+__all__ = [
+    "AppliesGC",
+    "LayoutAdapter",
+    "UnsupportedGradientLayoutError",
+    "adapter_for",
+    "check_dense_gradient",
+    "check_strategy",
+]

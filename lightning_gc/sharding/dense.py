@@ -1,0 +1,32 @@
+"""Dense gradients: one full tensor of the parameter's logical shape on every rank (single device, DDP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_gc.config import GCConfig
+from lightning_gc.plan import GCPlan
+
+
+@dataclass(frozen=True)
+class DenseAdapter:
+    """Plans straight from the optimizer's parameters; after DDP's all-reduce every rank agrees."""
+
+    strategy_name: str = ""
+
+    def build_plan(
+        self, optimizer: Optimizer, module: nn.Module, config: GCConfig, warn: Callable[[str], None]
+    ) -> GCPlan:
+        return GCPlan.for_optimizer(
+            optimizer,
+            config.selector(),
+            config.mode,
+            module=module,
+            centralize_weight_decay=config.centralize_weight_decay,
+            warn=warn,
+            strategy_name=self.strategy_name,
+        )

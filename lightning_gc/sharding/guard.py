@@ -1,0 +1,47 @@
+"""The guard: refuse, loudly, any gradient layout that no adapter handles, instead of centralizing nothing."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_gc.selection import Target
+
+
+class UnsupportedGradientLayoutError(RuntimeError):
+    """GC was asked to centralize a gradient whose layout it does not handle."""
+
+
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(strategy: object) -> None:
+    """Raise if ``strategy`` shards gradients in a layout lightning-gc cannot centralize exactly.
+
+    Raises:
+        UnsupportedGradientLayoutError: for FSDP, FSDP2/ModelParallel and DeepSpeed strategies.
+    """
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in _SHARDED_STRATEGIES:
+            raise UnsupportedGradientLayoutError(
+                f"GradientCentralization does not support {type(strategy).__name__}: its gradients are sharded,"
+                " and centralizing the shards would be silently wrong. Supported strategies: single device,"
+                " DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook)."
+            )
+
+
+def check_dense_gradient(target: Target, grad: Tensor, strategy_name: str = "") -> None:
+    """Raise unless ``grad`` is a plain tensor of ``target.param``'s logical shape.
+
+    Raises:
+        UnsupportedGradientLayoutError: for DTensor gradients, flattened shards and any other shape mismatch.
+    """
+    if type(grad).__name__ == "DTensor" or grad.shape != target.param.shape:
+        where = f" under {strategy_name}" if strategy_name else ""
+        raise UnsupportedGradientLayoutError(
+            f"GradientCentralization cannot centralize `{target.name}`{where}: its gradient is a"
+            f" {type(grad).__name__} of shape {tuple(grad.shape)}, but the parameter's logical shape is"
+            f" {tuple(target.param.shape)}. Centralizing a shard would be silently wrong."
+        )
