@@ -12,6 +12,7 @@ from lightning_gc.centralize import Mode
 from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.plan import GCPlan
+from lightning_gc.plan_cache import PlanCache
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec
 
 
@@ -27,6 +28,9 @@ def centralize_gradients(
     compute_stats: bool = False,
 ) -> GCStats:
     """Centralize gradients in place: call it after ``backward()`` and before ``optimizer.step()``.
+
+    The plan (which tensors, along which dims) is cached per model or optimizer and options, and rebuilt
+    when their parameters change; pass the model rather than ``model.parameters()`` to benefit from it.
 
     Given a module, module types are known: ``conv_only``, the embedding exclusion (``exclude_modules``) and
     transposed convolutions (centralized per output channel, dim 1) work as in the callback. Given an
@@ -63,7 +67,9 @@ def centralize_gradients(
     )
     if centralize_weight_decay and optimizer is None:
         raise ValueError("`centralize_weight_decay=True` needs `optimizer=`: the decay is read from its param groups")
-    plan = build_plan(model_or_params, config, optimizer)
+    if not isinstance(model_or_params, nn.Module):
+        model_or_params = list(model_or_params)  # read twice: for the cache signature and for planning
+    plan = _PLANS.get(model_or_params, config, optimizer, lambda: build_plan(model_or_params, config, optimizer))
     return plan.apply(compute_stats=compute_stats)
 
 
@@ -81,6 +87,9 @@ def build_plan(
     if module is not None:
         return GCPlan.for_module(module, selector, config.mode, warn=_warn)
     return GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn)
+
+
+_PLANS = PlanCache()
 
 
 def _warn(message: str) -> None:

@@ -1,0 +1,107 @@
+"""The callback's share of real training steps, read from Lightning's own profiler.
+
+Two small models on random data of the real shapes: a digits CNN (MNIST-sized 1x28x28 images, the classic
+two-conv network) and a small transformer language model. The share is the total time Lightning's
+``SimpleProfiler`` records for ``GradientCentralization.on_before_optimizer_step`` over its total for
+``run_training_batch``; the first step (which builds the plan) is reported separately from the rest.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.profilers import SimpleProfiler
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gc import GradientCentralization
+
+
+class DigitsCNN(pl.LightningModule):
+    """The PyTorch MNIST example network: conv 32, conv 64, max-pool, linear 128, linear 10 (1.2M params)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(9216, 128), nn.ReLU(), nn.Linear(128, 10),
+        )  # fmt: skip
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class TinyTransformerLM(pl.LightningModule):
+    """A 2-layer pre-norm transformer language model (width 128, 4 heads, vocabulary 2,000, context 64)."""
+
+    def __init__(self, vocab: int = 2000, width: int = 128, layers: int = 2, context: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        hidden = self.body(self.embed(tokens[:, :-1]) + self.position[: tokens.shape[1] - 1], mask=self.mask[:-1, :-1])
+        loss = nn.functional.cross_entropy(self.head(hidden).flatten(0, 1), tokens[:, 1:].flatten())
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def digits_data(steps: int, batch: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(steps * batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (steps * batch,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def text_data(steps: int, batch: int = 16, context: int = 65, vocab: int = 2000) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randint(0, vocab, (steps * batch, context), generator=g)), batch_size=batch)
+
+
+MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], DataLoader]]] = {
+    "digits-cnn": (DigitsCNN, digits_data),
+    "tiny-transformer": (TinyTransformerLM, text_data),
+}
+
+
+def hook_share(model_name: str, steps: int, log_every_n_steps: int = 50) -> dict[str, float]:
+    """Train ``steps`` steps on CPU with the callback and Lightning's ``SimpleProfiler``; return the shares."""
+    build_model, build_data = MODELS[model_name]
+    pl.seed_everything(0, verbose=False)
+    callback = GradientCentralization()
+    with tempfile.TemporaryDirectory() as logs:
+        profiler = SimpleProfiler(dirpath=logs, filename="profile")  # its report goes to a file, not stdout
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=steps, callbacks=[callback], profiler=profiler,
+            logger=CSVLogger(logs), log_every_n_steps=log_every_n_steps, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(build_model(), build_data(steps))
+    hook = profiler.recorded_durations[f"[Callback]{callback.state_key}.on_before_optimizer_step"]
+    batch = profiler.recorded_durations["run_training_batch"]
+    return {
+        "steps": len(batch),
+        "hook_share": sum(hook[1:]) / sum(batch[1:]),
+        "hook_share_incl_first_step": sum(hook) / sum(batch),
+        "hook_ms_per_step": 1e3 * sum(hook[1:]) / max(1, len(hook) - 1),
+        "batch_ms_per_step": 1e3 * sum(batch[1:]) / max(1, len(batch) - 1),
+    }
