@@ -13,6 +13,7 @@ ones, so a model whose gradients change layout every step does not recompile eve
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -22,10 +23,6 @@ from torch import Tensor
 Spec = tuple[tuple[int, ...], int]
 """Per tensor: the dims to average over (on the grouped view) and the transposed-conv ``groups``."""
 
-_VARIANT_BUDGET = 6
-"""Variants compiled per process, kept under dynamo's per-function recompile limit (8 by default), beyond
-which dynamo would silently run the function eagerly (with float32 copies of half tensors)."""
-_compiled_variants = 0
 
 
 def centralize_all_(grads: list[Tensor], specs: tuple[Spec, ...]) -> Tensor:
@@ -49,7 +46,9 @@ class CompiledCentralizer:
     Args:
         warn: reports, once, that compilation is unavailable.
         backend: the ``torch.compile`` backend (``"inductor"``; tests use cheaper ones).
-        max_variants: distinct gradient layouts this instance compiles before declining new ones.
+        max_variants: distinct gradient layouts this instance compiles before declining new ones; kept below
+            dynamo's recompile limit (8 per code object), past which dynamo would silently run the function
+            eagerly, with float32 copies of half-precision gradients.
     """
 
     def __init__(self, warn: Callable[[str], None] = print, backend: str = "inductor", max_variants: int = 2) -> None:
@@ -62,18 +61,17 @@ class CompiledCentralizer:
 
     def __call__(self, grads: list[Tensor], specs: tuple[Spec, ...]) -> Tensor | None:
         """Centralize ``grads`` and return the removed squared norm, or ``None`` without touching them."""
-        global _compiled_variants
         if self.unavailable:
             return None
         key = (specs, tuple((g.shape, g.stride(), g.dtype, g.device) for g in grads))
         if key not in self.variants:
-            if len(self.variants) >= self.max_variants or _compiled_variants >= _VARIANT_BUDGET:
+            if len(self.variants) >= self.max_variants:
                 return None
             self.variants.add(key)
-            _compiled_variants += 1
         try:
             if self._fn is None:
-                self._fn = torch.compile(centralize_all_, backend=self.backend, fullgraph=True, dynamic=False)
+                fn = _own_copy(centralize_all_)
+                self._fn = torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False)
             return self._fn(grads, specs)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly instead
             # Compilation happens before the graph runs, so the gradients are untouched here.
@@ -83,3 +81,8 @@ class CompiledCentralizer:
                 f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
             )
             return None
+
+
+def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with its own code object: dynamo counts recompiles per code object, so each instance gets its own."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

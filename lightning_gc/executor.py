@@ -96,18 +96,22 @@ class Executor:
 
     Args:
         units: the plan's units, in plan order.
-        compile: try the ``torch.compile`` route first (see :mod:`lightning_gc.compiled`).
+        compile: try the ``torch.compile`` route first (see :mod:`lightning_gc.compiled`); ``True`` for
+            Inductor, or the name of another ``torch.compile`` backend.
         warn: where to report that compilation is unavailable.
+
+    Raises:
+        ValueError: for a ``compile`` that is neither a bool nor a known backend name.
     """
 
-    def __init__(self, units: list[Unit], compile: bool = False, warn: Callable[[str], None] = print) -> None:
+    def __init__(self, units: list[Unit], compile: bool | str = False, warn: Callable[[str], None] = print) -> None:
         self.units = units
         total = sum(u.numel * u.param.element_size() for u in units)
         self.budget_bytes = max(MIN_BUDGET_BYTES, total // BUDGET_FRACTION)
         self.stacks = _stacks(units, self.budget_bytes)
         stacked = {i for s in self.stacks for i in s.indices}
         self.singles = [i for i in range(len(units)) if i not in stacked]
-        self.compiled = CompiledCentralizer(warn) if compile else None
+        self.compiled = CompiledCentralizer(warn, _backend(compile)) if compile is not False else None
 
     def run(self, grads: list[Tensor | None], grad_scale: float, removed: list[Tensor] | None) -> None:
         """Centralize ``grads`` (aligned with the units; ``None`` entries are skipped) in place.
@@ -172,3 +176,14 @@ def _stacks(units: list[Unit], budget_bytes: int) -> list[Stack]:
             stacks.append(Stack(indices, dims, units[indices[0]].numel, per_stack))
     return stacks
 
+
+
+def _backend(compile: bool | str) -> str:
+    if compile is True:
+        return "inductor"
+    if isinstance(compile, str) and compile in torch._dynamo.list_backends(exclude_tags=()):
+        return compile
+    raise ValueError(
+        f"`compile` must be True, False or a torch.compile backend name"
+        f" {torch._dynamo.list_backends(exclude_tags=())}, got {compile!r}"
+    )

@@ -45,7 +45,12 @@ class GCPlan:
     """
 
     def __init__(
-        self, targets: list[PlannedTarget], mode: Mode, warn: Warn, strategy_name: str = "", compile: bool = False
+        self,
+        targets: list[PlannedTarget],
+        mode: Mode,
+        warn: Warn,
+        strategy_name: str = "",
+        compile: bool | str = False,
     ) -> None:
         self.targets = targets
         self.mode = mode
@@ -67,12 +72,12 @@ class GCPlan:
         warn: Warn = print,
         strategy_name: str = "",
         only: set[int] | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> GCPlan:
         """Plan for the parameters in ``optimizer.param_groups`` (owners looked up in ``module`` if given).
 
-        ``only`` restricts the plan to parameters with these ``id``s; ``compile`` tries the
-        ``torch.compile`` route first (:mod:`lightning_gc.compiled`).
+        ``only`` restricts the plan to parameters with these ``id``s. ``compile`` tries the
+        ``torch.compile`` route first (:mod:`lightning_gc.compiled`): ``True`` for Inductor, or a backend name.
         """
         planned: list[PlannedTarget] = []
         for group in optimizer.param_groups:
@@ -85,7 +90,7 @@ class GCPlan:
 
     @classmethod
     def for_module(
-        cls, module: nn.Module, selector: Selector, mode: Mode, warn: Warn = print, compile: bool = False
+        cls, module: nn.Module, selector: Selector, mode: Mode, warn: Warn = print, compile: bool | str = False
     ) -> GCPlan:
         """Plan for all parameters of ``module``, with module types known."""
         planned = [PlannedTarget(t) for t in selector.select_from_module(module)]
@@ -94,7 +99,12 @@ class GCPlan:
 
     @classmethod
     def for_params(
-        cls, params: Iterable[nn.Parameter], selector: Selector, mode: Mode, warn: Warn = print, compile: bool = False
+        cls,
+        params: Iterable[nn.Parameter],
+        selector: Selector,
+        mode: Mode,
+        warn: Warn = print,
+        compile: bool | str = False,
     ) -> GCPlan:
         """Plan for bare parameters: only the dimension rule and ``exclude`` patterns apply."""
         planned = [PlannedTarget(t) for t in selector.select_from_params(params)]
