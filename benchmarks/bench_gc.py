@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -32,6 +33,8 @@ from measure import Clock, interleaved_medians, kernel_launches, peak_extra_byte
 from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes  # noqa: E402
 
 from lightning_gc import centralize_gradients  # noqa: E402
+from lightning_gc.plan import GCPlan  # noqa: E402
+from lightning_gc.selection import Selector  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_gc.json"
@@ -43,7 +46,9 @@ def official_loop(grads: list[torch.Tensor]) -> None:
         g.add_(-g.mean(dim=tuple(range(1, g.ndim)), keepdim=True))
 
 
-def bench_param_set(name: str, shapes: list, dtype: torch.dtype, device: torch.device, rounds: int) -> dict[str, Any]:
+def bench_param_set(
+    name: str, shapes: list, dtype: torch.dtype, device: torch.device, rounds: int, compile: bool
+) -> dict[str, Any]:
     model = ParameterSet(shapes, dtype, device)
     grads = model.centralized_grads()
     variants = {
@@ -51,6 +56,15 @@ def bench_param_set(name: str, shapes: list, dtype: torch.dtype, device: torch.d
         "official": lambda: official_loop(grads),
         "lightning_gc": lambda: centralize_gradients(model),
     }
+    compile_s = None
+    if compile:
+        compiled = GCPlan.for_module(model, Selector(), "channel", compile=True)
+        started = time.perf_counter()
+        compiled.apply()  # compiles
+        compile_s = time.perf_counter() - started
+        if compiled._executor.compiled.unavailable:  # the warning said why; time the eager fallback anyway
+            compile_s = None
+        variants["compiled"] = compiled.apply
     if device.type == "cuda":
         copies = [torch.empty_like(g) for g in grads]
         variants["d2d_copy"] = lambda: torch._foreach_copy_(copies, grads)
@@ -74,6 +88,14 @@ def bench_param_set(name: str, shapes: list, dtype: torch.dtype, device: torch.d
         "peak_extra_fraction": peak_extra_bytes(lambda: centralize_gradients(model), device) / grad_bytes,
         "official_peak_extra_fraction": peak_extra_bytes(lambda: official_loop(grads), device) / grad_bytes,
     }
+    if compile:
+        row["compile_s"] = compile_s
+        row["compiled_over_floor"] = times["compiled"]["median_s"] / floor
+        row["compiled_over_official"] = times["compiled"]["median_s"] / official
+        row["compiled_peak_extra_fraction"] = peak_extra_bytes(variants["compiled"], device) / grad_bytes
+        if device.type == "cuda":
+            row["compiled_over_d2d_copy"] = times["compiled"]["median_s"] / times["d2d_copy"]["median_s"]
+            row["compiled_kernel_launches"] = kernel_launches(variants["compiled"])
     if device.type == "cuda":
         row["ours_over_d2d_copy"] = ours / times["d2d_copy"]["median_s"]
         row["kernel_launches"] = kernel_launches(lambda: centralize_gradients(model))
@@ -110,10 +132,11 @@ def _cpu_name() -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     env = result["environment"]
+    load = f"{env['load_average_1m_at_start']:.1f} at start, {env['load_average_1m_at_end']:.1f} at end"
     lines = [
-        f"device: {env['device']} ({env['device_type']}), {env['cpu_count']} CPUs, torch threads {env['torch_threads']},"
-        f" torch {env['torch']}, lightning {env['lightning']}, python {env['python']};"
-        f" 1-min load average {env['load_average_1m_at_start']:.1f} at start, {env['load_average_1m_at_end']:.1f} at end",
+        f"device: {env['device']} ({env['device_type']}), {env['cpu_count']} CPUs,"
+        f" torch threads {env['torch_threads']}, torch {env['torch']}, lightning {env['lightning']},"
+        f" python {env['python']}; 1-min load average {load}",
         f"clock: {result['rows'][0]['clock'] if result['rows'] else '-'}; medians of {result['rounds']} interleaved rounds",
         "",
     ]
@@ -131,12 +154,34 @@ def format_table(result: dict[str, Any]) -> str:
         if cuda:
             cells += [f"{r['ours_over_d2d_copy']:.2f}x", f"{r['kernel_launches']} / {r['official_kernel_launches']}"]
         lines.append("| " + " | ".join(cells) + " |")
+    compiled = [r for r in result["rows"] if "compiled_over_floor" in r]
+    if compiled:
+        lines += [
+            "",
+            "Opt-in compiled route (`GCPlan(..., compile=True)`, Inductor), same process and rounds:",
+            "",
+            "| set | dtype | compile s (first call) | compiled / floor | compiled / official | peak extra |"
+            + (" compiled / d2d copy | launches |" if cuda else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if cuda else ""),
+        ]
+        for r in compiled:
+            seconds = "unavailable (eager fallback)" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
+            cells = [r["set"], r["dtype"], seconds, f"{r['compiled_over_floor']:.2f}x", f"{r['compiled_over_official']:.2f}x",
+                     f"{100 * r['compiled_peak_extra_fraction']:.2f}%"]  # fmt: skip
+            if cuda:
+                cells += [f"{r['compiled_over_d2d_copy']:.2f}x", str(r["compiled_kernel_launches"])]
+            lines.append("| " + " | ".join(cells) + " |")
     if result["training"]:
-        lines += ["", "| model | steps | GC hook share of a training step | hook ms/step | step ms |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| model | steps | GC hook share (totals) | share of medians | incl. first step | hook ms/step | step ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, t in result["training"].items():
             lines.append(
-                f"| {name} | {t['steps']} | {100 * t['hook_share']:.2f}% (incl. first step:"
-                f" {100 * t['hook_share_incl_first_step']:.2f}%) | {t['hook_ms_per_step']:.3f} | {t['batch_ms_per_step']:.1f} |"
+                f"| {name} | {t['steps']} | {100 * t['hook_share']:.2f}% | {100 * t['hook_share_of_medians']:.2f}%"
+                f" | {100 * t['hook_share_incl_first_step']:.2f}% | {t['hook_ms_per_step']:.3f}"
+                f" | {t['batch_ms_per_step']:.1f} |"
             )
     return "\n".join(lines)
 
@@ -151,6 +196,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1,
         help="torch intra-op threads on CPU (default 1: CPU time of one thread is robust on a shared machine;"
         " 0 keeps torch's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time the opt-in torch.compile route, on the float32 sets other than many-small (compiling"
+        " 2,000 tensors takes minutes); the first call's compile time is reported",
     )  # fmt: skip
     parser.add_argument("--training-steps", type=int, default=60, help="steps per model for the hook share; 0 skips")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
@@ -167,6 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banners between the results
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -175,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = {"tiny": tiny_shapes} if args.quick else {name: PARAM_SETS[name] for name in args.sets.split(",")}
     for name, shapes_of in sets.items():
         for dtype_name in args.dtypes.split(","):
-            row = bench_param_set(name, shapes_of(), DTYPES[dtype_name], device, args.rounds)
+            compile = args.compile and dtype_name == "float32" and name != "many-small"
+            row = bench_param_set(name, shapes_of(), DTYPES[dtype_name], device, args.rounds, compile)
             result["rows"].append(row)
             print(f"{name} {dtype_name}: ours/floor {row['ours_over_floor']:.2f}x, ours/official {row['ours_over_official']:.2f}x",
                   flush=True)  # fmt: skip

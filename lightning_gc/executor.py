@@ -16,6 +16,7 @@ plus one mean per output unit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,8 +60,11 @@ class Unit:
     staged: bool = field(init=False)
     block_elements: int = field(init=False)
     direct: bool = field(init=False)
+    output_units: int = field(init=False)
 
     def __post_init__(self) -> None:
+        shape = self.view(self.param.detach()).shape
+        self.output_units = math.prod(size for d, size in enumerate(shape) if d not in self.dims)
         self.acc = accumulation_dtype(self.param.dtype)
         self.staged = needs_scratch(self.param)
         big = self.numel * self.param.element_size() > BLOCK_MIN_BYTES and self.param.device.type == "cpu"
@@ -107,7 +111,9 @@ class Executor:
     def __init__(self, units: list[Unit], compile: bool | str = False, warn: Callable[[str], None] = print) -> None:
         self.units = units
         total = sum(u.numel * u.param.element_size() for u in units)
-        self.budget_bytes = max(MIN_BUDGET_BYTES, total // BUDGET_FRACTION)
+        # the budget holds the buffers; the means of the biggest tensor (full and per block) come on top
+        means = max((8 * u.output_units for u in units), default=0)
+        self.budget_bytes = max(MIN_BUDGET_BYTES, total // BUDGET_FRACTION - means)
         self.stacks = _stacks(units, self.budget_bytes)
         stacked = {i for s in self.stacks for i in s.indices}
         self.singles = [i for i in range(len(units)) if i not in stacked]
@@ -128,9 +134,7 @@ class Executor:
             if len(members) < 2:
                 leftovers.extend(i for i in stack.indices if grads[i] is not None and i not in done)
                 continue
-            means = centralize_stacked_(members, stack.dims, stack.per_stack)
-            if removed is not None:
-                removed.extend(removed_sq_norm(m, m.shape[0] * stack.numel) for m in means)
+            centralize_stacked_(members, stack.dims, stack.per_stack, removed)
         scratch = None
         for i in self.singles + leftovers:
             grad = grads[i]

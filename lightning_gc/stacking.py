@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_gc.centralize import accumulation_dtype
+from lightning_gc.centralize import accumulation_dtype, removed_sq_norm
 
 
 def stack_size(numel: int, dtype: torch.dtype, max_bytes: int) -> int:
@@ -29,20 +29,21 @@ def stack_size(numel: int, dtype: torch.dtype, max_bytes: int) -> int:
     return max(1, max_bytes // (numel * torch.empty((), dtype=accumulation_dtype(dtype)).element_size()))
 
 
-def centralize_stacked_(grads: list[Tensor], dims: tuple[int, ...], per_stack: int) -> list[Tensor]:
+def centralize_stacked_(
+    grads: list[Tensor], dims: tuple[int, ...], per_stack: int, removed: list[Tensor] | None = None
+) -> None:
     """Centralize ``grads`` (same shape, dtype and device; any strides) over ``dims`` in place.
 
     Args:
         grads: the tensors.
         dims: the dims of one tensor to average over.
         per_stack: how many tensors share one buffer (see :func:`stack_size`).
-
-    Returns:
-        The means removed, one ``(k, *keepdim_shape)`` tensor per stack.
+        removed: if given, receives the squared norm of what was removed, one scalar per stack (the means
+            themselves are dropped as soon as they are subtracted, to keep within the budget).
 
     Example:
         >>> grads = [torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 4.0]])]
-        >>> _ = centralize_stacked_(grads, dims=(1,), per_stack=2)
+        >>> centralize_stacked_(grads, dims=(1,), per_stack=2)
         >>> grads
         [tensor([[-1.,  1.]]), tensor([[-2.,  2.]])]
     """
@@ -51,7 +52,6 @@ def centralize_stacked_(grads: list[Tensor], dims: tuple[int, ...], per_stack: i
     acc = accumulation_dtype(first.dtype)
     in_place = first.device.type == "cpu" and acc == first.dtype
     buffer = first.new_empty((min(per_stack, len(grads)), *first.shape), dtype=acc)
-    means = []
     for start in range(0, len(grads), per_stack):
         chunk = grads[start : start + per_stack]
         stacked = torch.stack(chunk, out=buffer[: len(chunk)])
@@ -61,5 +61,5 @@ def centralize_stacked_(grads: list[Tensor], dims: tuple[int, ...], per_stack: i
         else:
             stacked.sub_(mean)
             torch._foreach_copy_(chunk, stacked.unbind(0))
-        means.append(mean)
-    return means
+        if removed is not None:
+            removed.append(removed_sq_norm(mean, stacked.numel()))
