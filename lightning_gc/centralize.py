@@ -108,9 +108,9 @@ def centralize_(
 ) -> Tensor:
     """Centralize ``tensor`` in place and return the (keepdim) mean that was removed.
 
-    The mean is subtracted in its accumulation precision and rounded once into ``tensor``'s dtype. Tensors
-    bigger than ``block_bytes`` are processed a block of output units at a time, so the second pass over a
-    block hits cache and temporaries stay within one block.
+    The mean is subtracted in its accumulation precision and rounded once into ``tensor``'s dtype. On CPU,
+    tensors bigger than ``block_bytes`` are processed a block of output units at a time, so the second pass
+    over a block hits cache and temporaries stay within one block.
 
     Raises:
         ValueError: in channel mode, for a tensor with a single dim.
@@ -125,7 +125,12 @@ def centralize_(
     dims = _checked_dims(tensor, layout, mode)
     viewed = layout.view(tensor)
     scratch = _scratch_for(viewed, block_bytes)
-    block_elements = scratch.numel() if scratch is not None else max(1, block_bytes // viewed.element_size())
+    if scratch is not None:
+        block_elements = scratch.numel()
+    elif tensor.device.type == "cpu":
+        block_elements = max(1, block_bytes // viewed.element_size())
+    else:  # GPUs have no cache to keep a block in between the passes; blocks would only add launches
+        block_elements = viewed.numel()
     return centralize_view_(viewed, dims, layout.unit_dim(mode), block_elements, scratch)
 
 
