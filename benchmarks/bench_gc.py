@@ -137,12 +137,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"device: {env['device']} ({env['device_type']}), {env['cpu_count']} CPUs,"
         f" torch threads {env['torch_threads']}, torch {env['torch']}, lightning {env['lightning']},"
         f" python {env['python']}; 1-min load average {load}",
-        f"clock: {result['rows'][0]['clock'] if result['rows'] else '-'}; medians of {result['rounds']} interleaved rounds",
+        f"clock: {result['rows'][0]['clock'] if result['rows'] else '-'};"
+        f" medians of {result['rounds']} interleaved rounds",
         "",
     ]
     cuda = env["device_type"] == "cuda"
-    header = "| set | dtype | tensors (GC'd) | grad MiB | floor ms | ours / floor | official / floor | ours / official |"
-    header += " peak extra (ours) | peak extra (official) |" + (" ours / d2d copy | launches (ours / official) |" if cuda else "")
+    header = "| set | dtype | tensors (GC'd) | grad MiB | floor ms |"
+    header += " ours / floor | official / floor | ours / official | peak extra (ours) | peak extra (official) |"
+    header += " ours / d2d copy | launches (ours / official) |" if cuda else ""
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in result["rows"]:
         cells = [
@@ -166,8 +168,10 @@ def format_table(result: dict[str, Any]) -> str:
         ]
         for r in compiled:
             seconds = "unavailable (eager fallback)" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
-            cells = [r["set"], r["dtype"], seconds, f"{r['compiled_over_floor']:.2f}x", f"{r['compiled_over_official']:.2f}x",
-                     f"{100 * r['compiled_peak_extra_fraction']:.2f}%"]  # fmt: skip
+            cells = [
+                r["set"], r["dtype"], seconds, f"{r['compiled_over_floor']:.2f}x",
+                f"{r['compiled_over_official']:.2f}x", f"{100 * r['compiled_peak_extra_fraction']:.2f}%",
+            ]  # fmt: skip
             if cuda:
                 cells += [f"{r['compiled_over_d2d_copy']:.2f}x", str(r["compiled_kernel_launches"])]
             lines.append("| " + " | ".join(cells) + " |")
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banners between the results
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     result: dict[str, Any] = {"environment": environment(device), "rounds": args.rounds, "rows": [], "training": {}}
     started = time.perf_counter()
     sets = {"tiny": tiny_shapes} if args.quick else {name: PARAM_SETS[name] for name in args.sets.split(",")}
@@ -229,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             compile = args.compile and dtype_name == "float32" and name != "many-small"
             row = bench_param_set(name, shapes_of(), DTYPES[dtype_name], device, args.rounds, compile)
             result["rows"].append(row)
-            print(f"{name} {dtype_name}: ours/floor {row['ours_over_floor']:.2f}x, ours/official {row['ours_over_official']:.2f}x",
-                  flush=True)  # fmt: skip
+            ratios = f"ours/floor {row['ours_over_floor']:.2f}x, ours/official {row['ours_over_official']:.2f}x"
+            print(f"{name} {dtype_name}: {ratios}", flush=True)
     if args.training_steps:
         from training_share import MODELS, hook_share
 

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from lightning_gc.centralize import Mode
 from lightning_gc.diagnostics import GCStats
-from lightning_gc.executor import Executor, unit_of
+from lightning_gc.executor import Executor, Unit, unit_of
 from lightning_gc.selection import Selector, Target
 from lightning_gc.sharding.guard import check_dense_gradient
 from lightning_gc.weight_decay import DecayKind, compensation, decay_kind
@@ -164,7 +164,7 @@ class GCPlan:
             )
 
 
-def _unit(planned: PlannedTarget, mode: Mode):  # noqa: ANN202 - an executor.Unit
+def _unit(planned: PlannedTarget, mode: Mode) -> Unit:
     param, layout = planned.target.param, planned.target.layout
     dims = layout.reduce_dims(param.ndim, mode)
     return unit_of(param, layout.view, layout.groups, planned.decay, dims, layout.unit_dim(mode))

@@ -339,7 +339,8 @@ def test_compiled_route_falls_back_with_one_warning(failing_backend):
 def test_decayed_targets_stay_on_the_eager_route():
     torch._dynamo.reset()
     model = MixedNet(torch.float32, small=2)
-    targets = [PlannedTarget(t, decay=0.5 if t.name == "big.weight" else 0.0) for t in Selector().select_from_module(model)]
+    selected = Selector().select_from_module(model)
+    targets = [PlannedTarget(t, decay=0.5 if t.name == "big.weight" else 0.0) for t in selected]
     plan = GCPlan(targets, "channel", print, compile="aot_eager")
     fill_grads(model, seed=2)
     expected = expected_after_gc(model)
