@@ -63,7 +63,9 @@ class Unit:
     output_units: int = field(init=False)
 
     def __post_init__(self) -> None:
-        shape = self.view(self.param.detach()).shape
+        shape = self.param.shape  # as RowLayout.view would show it, without viewing (the param may be a DTensor)
+        if self.groups > 1:
+            shape = (self.groups, shape[0] // self.groups, *shape[1:])
         self.output_units = math.prod(size for d, size in enumerate(shape) if d not in self.dims)
         self.acc = accumulation_dtype(self.param.dtype)
         self.staged = needs_scratch(self.param)
