@@ -65,8 +65,10 @@ def row_mean(tensor: Tensor, layout: RowLayout = RowLayout(), mode: Mode = "chan
     Half-precision inputs are reduced in float32 without a float32 copy of ``tensor`` (the cast happens
     inside the reduction kernel).
     """
-    viewed = layout.view(tensor)
-    return viewed.mean(dim=layout.reduce_dims(tensor.ndim, mode), keepdim=True, dtype=accumulation_dtype(tensor.dtype))
+    dims = layout.reduce_dims(tensor.ndim, mode)
+    if not dims:  # torch reads `dim=()` as "all dims"; a unit of one entry has no mean to remove
+        raise ValueError(f"per-channel GC needs a tensor with ndim >= 2, got shape {tuple(tensor.shape)}")
+    return layout.view(tensor).mean(dim=dims, keepdim=True, dtype=accumulation_dtype(tensor.dtype))
 
 
 def centralize_(tensor: Tensor, layout: RowLayout = RowLayout(), mode: Mode = "channel") -> Tensor:
@@ -92,4 +94,4 @@ def removed_sq_norm(mean: Tensor, numel: int) -> Tensor:
     The removed part is ``mean`` broadcast over ``numel // mean.numel()`` entries per unit, so no pass over
     the gradient is needed.
     """
-    return mean.float().square().sum() * (numel // mean.numel())
+    return mean.to(torch.promote_types(mean.dtype, torch.float32)).square().sum() * (numel // mean.numel())
