@@ -17,7 +17,7 @@ gets the same global values.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -347,6 +347,16 @@ def _all_reduce_world(tensor: Tensor) -> None:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def has_dtensors(params: Iterable[Tensor]) -> bool:
+    """Whether any of ``params`` is a DTensor (checked by class name first, so torch.distributed stays unimported).
+
+    Example:
+        >>> has_dtensors([torch.zeros(2)])
+        False
+    """
+    return any(type(p).__name__ == "DTensor" and _is_dtensor(p) for p in params)
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
