@@ -359,3 +359,34 @@ class _RecordingLogger(Logger):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.metrics.append({k: float(v) for k, v in metrics.items()})
+
+
+def fabric_loop(run: Run) -> dict[str, Any]:
+    """A Fabric loop under ``ModelParallelStrategy`` (tensor parallel) calling ``centralize_gradients``."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+
+    from lightning_gc import centralize_gradients
+
+    def parallelize(net: nn.Module, mesh: Any) -> nn.Module:
+        _tensor_parallel(net, mesh["tensor_parallel"])
+        return net
+
+    strategy = FabricModelParallel(parallelize, data_parallel_size=1, tensor_parallel_size=2)
+    fabric = Fabric(accelerator="cpu", devices=torch.distributed.get_world_size(), strategy=strategy)
+    fabric.launch()
+    net = fabric.setup(seeded(run.net))
+    optimizer = fabric.setup_optimizers(
+        torch.optim.SGD(net.parameters(), lr=run.lr, momentum=MOMENTUM, weight_decay=run.weight_decay)
+    )
+    data = run.data()
+    per_step = len(data) // run.steps
+    stats = []
+    for step in range(run.steps):
+        x, y = (torch.stack(t) for t in zip(*data[step * per_step : (step + 1) * per_step]))
+        optimizer.zero_grad()
+        fabric.backward(nn.functional.cross_entropy(net(x), y))
+        result = centralize_gradients(net, optimizer=optimizer, compute_stats=True, **run.gc_kwargs)
+        stats.append({"ratio": float(result.removed_norm_ratio), "norm": float(result.grad_norm)})
+        optimizer.step()
+    return {"weights": {n: _full(p) for n, p in net.module.named_parameters()}, "stats": stats}

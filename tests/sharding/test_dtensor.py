@@ -16,7 +16,7 @@ from dtensor_reference import (
     assert_hook_centralized,
     reference_fit,
 )
-from dtensor_scenarios import Case, Run, adapter_case, fit
+from dtensor_scenarios import Case, Run, adapter_case, fabric_loop, fit
 
 from lightning_gc.sharding import adapter_for
 from lightning_gc.sharding.dense import DenseAdapter
@@ -121,6 +121,22 @@ def test_fsdp2_half_precision_gc_is_exact_at_the_hook_and_training_tracks_float6
     gc_effect = max((expected["weights"][n] - without_gc["weights"][n]).abs().max() for n in expected["weights"])
     assert gc_effect > 5 * HALF[precision]["weights"]["atol"]
     assert_fit_matches(run, results, expected, **HALF[precision]["weights"])
+
+
+@pytest.mark.slow
+def test_fabric_loop_with_centralize_gradients_on_dtensors_matches_float64_reference(ranks):
+    run = Run("tp", weight_decay=0.05, gc_kwargs={"centralize_weight_decay": True})
+    results = ranks.run(fabric_loop, run)
+    expected = reference_fit(run)
+    for rank, result in enumerate(results):
+        for name, value in expected["weights"].items():
+            torch.testing.assert_close(
+                torch.from_numpy(result["weights"][name]), value, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}"
+            )
+        assert result["stats"] == results[0]["stats"]
+    for stats, reference in zip(results[0]["stats"], expected["stats"]):
+        assert stats["ratio"] == pytest.approx(reference["ratio"], rel=1e-4)
+        assert stats["norm"] == pytest.approx(reference["norm"], rel=1e-4)
 
 
 def test_model_parallel_strategy_gets_the_dtensor_adapter_and_others_keep_theirs():
