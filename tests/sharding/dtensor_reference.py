@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from dtensor_scenarios import MOMENTUM, Case, Run, TPNet, seeded
 from reference import gc_reference
@@ -55,8 +56,6 @@ def assert_case_result(case: Case, results: list[dict[str, Any]], row_elements: 
 
 
 def pytest_approx(value: float) -> Any:
-    import pytest
-
     return pytest.approx(value, rel=1e-5)
 
 
@@ -102,8 +101,8 @@ def assert_fit_matches(run: Run, results: list[dict[str, Any]], expected: dict[s
     logged = [m for m in results[0]["metrics"] if "gc/removed_norm_ratio" in m]
     assert len(logged) == run.steps
     for metrics, reference in zip(logged, expected["stats"]):
-        assert metrics["gc/removed_norm_ratio"] == pytest_approx_loose(reference["ratio"], run)
-        assert metrics["gc/grad_norm"] == pytest_approx_loose(reference["norm"], run)
+        assert metrics["gc/removed_norm_ratio"] == _approx_for(reference["ratio"], run)
+        assert metrics["gc/grad_norm"] == _approx_for(reference["norm"], run)
         assert metrics["gc/centralized_elements"] == reference["elements"]
 
 
@@ -124,10 +123,9 @@ def assert_hook_centralized(run: Run, results: list[dict[str, Any]], rtol: float
                 torch.testing.assert_close(torch.from_numpy(after[name]), expected, rtol=rtol, atol=atol, msg=name)
 
 
-def pytest_approx_loose(value: float, run: Run) -> Any:
-    import pytest
-
-    return pytest.approx(value, rel=1e-4 if run.precision == "32-true" else 2e-2)
+def _approx_for(value: float, run: Run) -> Any:
+    # the diagnostics come from the run's own gradients, which half-precision compute moves by ~1%
+    return pytest.approx(value, rel=2e-2 if run.half_precision else 1e-4)
 
 
 def _centralized_layouts(run: Run) -> dict[str, tuple[int, int]]:

@@ -214,6 +214,12 @@ class Run:
     gc_kwargs: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 3
     lr: float = 0.1
+    mp_policy: bool = False  # FSDP2's own mixed precision: bf16 compute copies, float32 gradient reduction
+
+    @property
+    def half_precision(self) -> bool:
+        """Whether forward and backward compute in bfloat16 or float16."""
+        return self.precision != "32-true" or self.mp_policy
 
     @property
     def data_parallel(self) -> int:
@@ -285,7 +291,7 @@ class _Module(pl.LightningModule):
         if self.run.tensor_parallel > 1:
             _tensor_parallel(self.net, self.device_mesh["tensor_parallel"])
         if self.run.data_parallel > 1:
-            _fully_shard(self, self.device_mesh["data_parallel"])
+            _fully_shard(self, self.device_mesh["data_parallel"], self.run.mp_policy)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -295,12 +301,13 @@ class _Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.run.lr, momentum=MOMENTUM, weight_decay=self.run.weight_decay)
 
 
-def _fully_shard(module: nn.Module, mesh: Any) -> None:
-    from torch.distributed.fsdp import fully_shard
+def _fully_shard(module: nn.Module, mesh: Any, mp_policy: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kwargs = {"mp_policy": MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)} if mp_policy else {}
     for layer in module.net.children():
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(module, mesh=mesh, **kwargs)
 
 
 def _tensor_parallel(net: nn.Module, mesh: Any) -> None:
