@@ -177,3 +177,23 @@ def test_dtensor_plan_on_plain_gradients_in_one_process_is_dense_gc():
     stats = DTensorPlan([PlannedTarget(Target(param, "w", RowLayout(out_dim=1)))], "channel").apply(compute_stats=True)
     torch.testing.assert_close(param.grad.double(), gc_reference(before, out_dim=1))
     assert stats.grad_sq == pytest.approx(float(before.square().sum()), rel=1e-6)
+
+
+def test_an_unknown_placement_is_refused_naming_the_parameter():
+    from lightning_gc import UnsupportedGradientLayoutError
+    from lightning_gc.sharding.dtensor import _Layout
+
+    class Interleaved:  # a placement kind lightning-gc has never seen: neither Shard, Replicate nor Partial
+        def is_replicate(self) -> bool:
+            return False
+
+        def is_partial(self) -> bool:
+            return False
+
+    class Mesh:
+        def size(self, mesh_dim: int) -> int:
+            return 2
+
+    grad = type("FakeGrad", (), {"device_mesh": Mesh(), "placements": (Interleaved(),), "shape": torch.Size((4, 3))})
+    with pytest.raises(UnsupportedGradientLayoutError, match=r"`blocks.0.weight`.*Interleaved"):
+        _Layout.of(grad, "blocks.0.weight", out_dim=0, conv_groups=1, mode="channel")

@@ -45,6 +45,12 @@ def test_adapter_on_a_2x2_mesh_centralizes_exactly_and_reduces_only_row_sums(ran
     assert_case_result(case, ranks.run(adapter_case, case), row_elements)
 
 
+def test_grouped_transposed_conv_with_strided_input_shards_is_refused(ranks):
+    results = ranks.run(adapter_case, Case((8, 2, 3), ("SS0", "S0"), (2, 2), out_dim=1, groups=2))
+    for result in results:
+        assert "grouped transposed convolution" in result["error"] and "_StridedShard" in result["error"]
+
+
 def test_fsdp2_over_tensor_parallel_training_matches_float64_reference(ranks):
     run = Run("2d", accumulate=2, weight_decay=0.05, gc_kwargs={"centralize_weight_decay": True})
     results = ranks.run(fit, run)
