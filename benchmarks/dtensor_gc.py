@@ -65,7 +65,10 @@ def resnet50(parallel: str) -> list[Spec]:
                 (p + "bn3", (8 * width,), "S0", 0, 0),
             ]
             if b == 0:
-                specs += [(p + "downsample", (4 * width, inplanes, 1, 1), "S0", 0, 1), (p + "bn_ds", (8 * width,), "S0", 0, 0)]
+                specs += [
+                    (p + "downsample", (4 * width, inplanes, 1, 1), "S0", 0, 1),
+                    (p + "bn_ds", (8 * width,), "S0", 0, 0),
+                ]
             inplanes = 4 * width
     return specs + [("fc", (1000, 2048), "S0", 0, 1), ("fc.bias", (1000,), "S0", 0, 0)]
 
@@ -160,7 +163,8 @@ def main() -> None:
     for p in procs:
         p.join()
     print(f"torch {torch.__version__}, 2 gloo ranks on CPU, 1 thread each, median of {args.repeats}")
-    print(f"{'model, layout':34} {'grad entries':>12} {'all-reduced/rank':>16} {'fraction':>9} {'GC/SGD step':>11} {'+stats':>7}")
+    header = ("model, layout", "grad entries", "all-reduced/rank", "fraction", "GC/SGD step", "+stats")
+    print(f"{header[0]:34} {header[1]:>12} {header[2]:>16} {header[3]:>9} {header[4]:>11} {header[5]:>7}")
     for name, r in results.items():
         fraction = r["row_values"] / r["total"]
         print(

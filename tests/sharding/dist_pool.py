@@ -57,7 +57,8 @@ class DistPool:
                     break
         except queue.Empty:
             self.broken = True
-            raise TimeoutError(f"{fn.__name__} did not finish on ranks {sorted(set(range(self.world_size)) - set(outcomes))}")
+            missing = sorted(set(range(self.world_size)) - set(outcomes))
+            raise TimeoutError(f"{fn.__name__} did not finish on ranks {missing}")
         failures = {r: v for r, (ok, v) in outcomes.items() if not ok}
         if failures or len(outcomes) < self.world_size:
             self.broken = True

@@ -138,7 +138,8 @@ def _centralized_layouts(run: Run) -> dict[str, tuple[int, int]]:
 def _diagnostics(grads: dict[str, torch.Tensor], layouts: dict[str, tuple[int, int]]) -> dict[str, float]:
     grad_sq = sum(float(g.square().sum()) for g in grads.values())
     removed = sum(float((g - gc_reference(g, *layouts[n])).square().sum()) for n, g in grads.items())
-    return {"ratio": (removed / grad_sq) ** 0.5, "norm": grad_sq**0.5, "elements": sum(g.numel() for g in grads.values())}
+    elements = sum(g.numel() for g in grads.values())
+    return {"ratio": (removed / grad_sq) ** 0.5, "norm": grad_sq**0.5, "elements": elements}
 
 
 def _dtype(name: str) -> torch.dtype:

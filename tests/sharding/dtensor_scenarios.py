@@ -72,7 +72,8 @@ def _distribute(full: torch.Tensor, mesh: Any, codes: tuple[str, ...]) -> Any:
 
     placements = [_placement(c) for c in codes]
     # every rank holds `full`: split it locally (src_data_rank=None), no scatter
-    dense = distribute_tensor(full, mesh, [Replicate() if p.is_partial() else p for p in placements], src_data_rank=None)
+    unreduced = [Replicate() if p.is_partial() else p for p in placements]
+    dense = distribute_tensor(full, mesh, unreduced, src_data_rank=None)
     local = dense.to_local().clone()
     for mesh_dim, p in enumerate(placements):
         if p.is_partial():
