@@ -13,6 +13,7 @@ from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.plan import GCPlan
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec
+from lightning_gc.sharding.dtensor import DTensorPlan, has_dtensors
 
 
 def centralize_gradients(
@@ -32,6 +33,9 @@ def centralize_gradients(
     transposed convolutions (centralized per output channel, dim 1) work as in the callback. Given an
     iterable of parameters, only the dimension rule (``ndim >= 2``) and ``exclude`` patterns (matched
     against ``param_<i>``) apply; ``conv_only=True`` is then an error.
+
+    DTensor parameters (FSDP2 ``fully_shard``, tensor parallel, e.g. under Fabric's ``ModelParallelStrategy``)
+    are centralized exactly in their sharded layout; then every rank must make the call (it communicates).
 
     Args:
         model_or_params: the model, or the parameters to consider.
@@ -69,18 +73,26 @@ def centralize_gradients(
 
 def build_plan(
     model_or_params: nn.Module | Iterable[nn.Parameter], config: GCConfig, optimizer: Optimizer | None = None
-) -> GCPlan:
-    """The :class:`~lightning_gc.plan.GCPlan` for ``config``; keep it to skip re-planning on every step."""
+) -> GCPlan | DTensorPlan:
+    """The plan for ``config``; keep it to skip re-planning on every step.
+
+    A :class:`~lightning_gc.plan.GCPlan`, or a :class:`~lightning_gc.sharding.dtensor.DTensorPlan` when
+    parameters are DTensors (FSDP2 / tensor parallel, e.g. Fabric's ``ModelParallelStrategy``).
+    """
     selector = config.selector()
     module = model_or_params if isinstance(model_or_params, nn.Module) else None
     if optimizer is not None:
         only = None if module is not None else {id(p) for p in model_or_params}
-        return GCPlan.for_optimizer(
+        plan = GCPlan.for_optimizer(
             optimizer, selector, config.mode, module, config.centralize_weight_decay, warn=_warn, only=only
         )
-    if module is not None:
-        return GCPlan.for_module(module, selector, config.mode, warn=_warn)
-    return GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn)
+    elif module is not None:
+        plan = GCPlan.for_module(module, selector, config.mode, warn=_warn)
+    else:
+        plan = GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn)
+    if has_dtensors(t.target.param for t in plan.targets):  # Fabric's ModelParallelStrategy: FSDP2, TP
+        return DTensorPlan(plan.targets, plan.mode, warn=_warn)
+    return plan
 
 
 def _warn(message: str) -> None:

@@ -40,10 +40,19 @@ def adapter_for(strategy: object) -> LayoutAdapter:
     Raises:
         UnsupportedGradientLayoutError: when no adapter handles the strategy.
     """
+    if _inherits(strategy, "ModelParallelStrategy"):
+        from lightning_gc.sharding.dtensor import DTensorAdapter
+
+        return DTensorAdapter(strategy_name=type(strategy).__name__)
     check_strategy(strategy)
     from lightning_gc.sharding.dense import DenseAdapter
 
     return DenseAdapter(strategy_name=type(strategy).__name__)
+
+
+def _inherits(strategy: object, class_name: str) -> bool:
+    # by name: Lightning's Trainer and Fabric each define their own strategy classes of the same name
+    return any(cls.__name__ == class_name for cls in type(strategy).__mro__)
 
 
 __all__ = [
