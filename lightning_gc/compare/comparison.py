@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -103,6 +104,8 @@ def run_comparison(options: CompareOptions, stream: Optional[TextIO] = None) -> 
         ProjectError: for a project, config or option that cannot give a valid comparison (before any run).
     """
     stream = stream if stream is not None else sys.stdout
+    if importlib.util.find_spec("matplotlib") is None:  # needed at the end: say so before hours of training
+        raise ProjectError("lightning-gc compare draws curves.png with matplotlib: pip install matplotlib")
     with resolve_project_dir(options.project) as (root, name):
         project = load_project(root, name, options.configs, options.metric, options.mode)
         out = Path(options.out) if options.out else Path("runs") / "compare" / _default_name(name, options.configs)

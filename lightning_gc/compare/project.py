@@ -232,7 +232,12 @@ def _render(template: str, destination: Path) -> Path:
         out = destination.parent / ".render"
         config = {"cookiecutters_dir": str(out / "cache"), "replay_dir": str(out / "replay")}
         rendered = cookiecutter(
-            str(root / template), no_input=True, output_dir=str(out), default_config=config, accept_hooks=False
+            str(root / template),
+            no_input=True,
+            extra_context={"project_name": template.replace("-", " ")},
+            output_dir=str(out),
+            default_config=config,
+            accept_hooks=False,
         )
         os.replace(rendered, destination)
         return destination

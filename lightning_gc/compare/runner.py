@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def execute(plan: RunPlan, progress: Progress, poll_seconds: float = 0.5) -> Run
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     with open(log, "w", encoding="utf-8") as log_file:
-        log_file.write("$ " + " ".join(_quoted(a) for a in plan.command()) + "\n\n")
+        log_file.write("$ " + shlex.join(plan.command()) + "\n\n")
         log_file.flush()
         try:
             process = subprocess.Popen(
@@ -111,10 +112,11 @@ def execute(plan: RunPlan, progress: Progress, poll_seconds: float = 0.5) -> Run
 
 
 def load_record(run_dir: Path) -> Optional[RunRecord]:
-    """The record of a run an earlier invocation finished, or ``None``."""
+    """The record of a run an earlier invocation finished, or ``None``; paths point into ``run_dir`` (the
+    output folder may have moved since)."""
     try:
         data = json.loads((run_dir / RECORD_FILE).read_text(encoding="utf-8"))
-        return RunRecord(**{**data, "run_dir": Path(data["run_dir"]), "log": Path(data["log"])})
+        return RunRecord(**{**data, "run_dir": run_dir, "log": run_dir / LOG_FILE})
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -150,12 +152,6 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def _quoted(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def plans(project: Project, seeds: Sequence[int], out: Path, max_epochs: Optional[int], lightning_args: Sequence[str]) -> list[RunPlan]:

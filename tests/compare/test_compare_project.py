@@ -52,7 +52,7 @@ def test_unknown_folder_and_missing_files_are_named(project, tmp_path):
 
 
 def test_gc_config_without_the_callback_is_refused(project):
-    _edit(project / "configs" / "gc.yaml", lambda c: c["trainer"]["callbacks"].pop(0))
+    _edit(project / "configs" / "gc.yaml", lambda c: c["trainer"]["callbacks"].pop())
     with pytest.raises(ProjectError, match="configs/gc.yaml has no lightning_gc.GradientCentralization"):
         load_project(project)
 
