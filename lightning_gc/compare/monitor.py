@@ -64,6 +64,7 @@ class RunMonitor(Callback):
         self.diverged_at_step: Optional[int] = None
         self._last_write = -math.inf
         self._batch_step = 0
+        self._total_steps: Optional[int] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # This callback logs the hparams itself, once, with the comparison's tags (see `on_fit_start`).
@@ -76,6 +77,12 @@ class RunMonitor(Callback):
             _log_hparams(logger, self._hparams(trainer, pl_module), self.metrics)
         self._write(trainer, "running", force=True)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # On every rank, once the train dataloader is loaded: may load it, which is collective under DDP.
+        total = trainer.estimated_stepping_batches
+        self._total_steps = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
+        self._write(trainer, "running", force=True)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_step = trainer.global_step  # the step this batch's metrics are logged at
 
@@ -85,7 +92,9 @@ class RunMonitor(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             loss = trainer.callback_metrics.get(self.loss)
-        if isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all()):
+        non_finite = isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all())
+        # every rank must stop together (a no-op without a process group), as EarlyStopping decides
+        if trainer.strategy.reduce_boolean_decision(non_finite, all=False):
             # `should_stop` ends the epoch loop after this batch; `min_epochs`/`min_steps` could delay it.
             trainer.should_stop = True
             if self.diverged_at_step is None:
@@ -122,13 +131,12 @@ class RunMonitor(Callback):
         if self.status_file is None or not trainer.is_global_zero or (not force and now - self._last_write < self.interval):
             return
         self._last_write = now
-        total = trainer.estimated_stepping_batches if trainer.state.fn == "fit" else None
         status = {
             "state": state,
             "epoch": trainer.current_epoch,
             "max_epochs": trainer.max_epochs,
             "step": trainer.global_step,
-            "total_steps": int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None,
+            "total_steps": self._total_steps,
             "diverged_at_step": self.diverged_at_step,
         }
         tmp = f"{self.status_file}.tmp"

@@ -1,10 +1,11 @@
-"""``curves.png``: per arm, the mean curve over the finished seeds with a band of one standard deviation."""
+"""``curves.png``: per arm, the mean curve over the finished seeds with a band of one standard deviation
+(clipped to the range of the seeds)."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -15,17 +16,33 @@ _COLORS = {"baseline": "tab:blue", "gc": "tab:orange"}
 _GC_RATIO = "gc/removed_norm_ratio"
 
 
-def mean_curve(curves: list[Series]) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(steps, mean, std)`` of several runs' curves of one tag.
+class Curve(NamedTuple):
+    """The runs of one arm on one tag: per step, their mean, standard deviation, lowest and highest value."""
+
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    @property
+    def band(self) -> tuple[np.ndarray, np.ndarray]:
+        """``mean ± std``, clipped to the runs' range: on a log axis a band below the lowest run would
+        reach down to zero and say nothing."""
+        return np.maximum(self.mean - self.std, self.low), np.minimum(self.mean + self.std, self.high)
+
+
+def mean_curve(curves: list[Series]) -> Optional[Curve]:
+    """The mean curve of several runs' curves of one tag, with their spread.
 
     The runs of a comparison log at the same steps; where they do not, each curve is linearly interpolated
     onto the first one's steps, within its own range only. Non-finite points are left out.
 
     Example:
-        >>> steps, mean, std = mean_curve([Series(np.array([0, 1]), np.array([1.0, 3.0])),
-        ...                                Series(np.array([0, 1]), np.array([3.0, 5.0]))])
-        >>> mean.tolist(), std.tolist()
-        ([2.0, 4.0], [1.0, 1.0])
+        >>> curve = mean_curve([Series(np.array([0, 1]), np.array([1.0, 3.0])),
+        ...                     Series(np.array([0, 1]), np.array([3.0, 5.0]))])
+        >>> curve.mean.tolist(), curve.std.tolist(), curve.low.tolist()
+        ([2.0, 4.0], [1.0, 1.0], [1.0, 3.0])
     """
     curves = [c for c in curves if len(c)]
     if not curves:
@@ -39,12 +56,9 @@ def mean_curve(curves: list[Series]) -> Optional[tuple[np.ndarray, np.ndarray, n
         steps, values = curve.steps[keep].astype(np.float64), curve.values[keep]
         inside = (grid >= steps.min()) & (grid <= steps.max())
         row[inside] = np.interp(grid[inside], steps, values)
-    counts = np.isfinite(stacked).sum(axis=0)
-    valid = counts > 0
-    with np.errstate(invalid="ignore"):
-        mean = np.nanmean(stacked[:, valid], axis=0)
-        std = np.nanstd(stacked[:, valid], axis=0)
-    return grid[valid], mean, std
+    valid = np.isfinite(stacked).sum(axis=0) > 0
+    kept = stacked[:, valid]
+    return Curve(grid[valid], np.nanmean(kept, 0), np.nanstd(kept, 0), np.nanmin(kept, 0), np.nanmax(kept, 0))
 
 
 def plot_curves(summary: Summary, path: str | os.PathLike, title: str = "") -> None:
@@ -72,12 +86,13 @@ def plot_curves(summary: Summary, path: str | os.PathLike, title: str = "") -> N
             finished = [r.scalars[tag] for r in arm.with_status(FINISHED) if tag in r.scalars]
             curve = mean_curve(finished)
             if curve is not None:
-                steps, mean, std = curve
+                steps, mean = curve.steps, curve.mean
+                low, high = curve.band
                 label = f"{arm.arm} (mean of {len(finished)})" if len(finished) > 1 else arm.arm
                 line = ax.plot(steps, mean, color=color, label=label, linewidth=1.3)[0]
-                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
                 color = line.get_color()
-                band += [mean - std, mean + std]
+                band += [low, high]
             for i, run in enumerate(arm.with_status(DIVERGED)):
                 if tag in run.scalars:
                     series = run.scalars[tag]

@@ -78,3 +78,31 @@ def test_a_finite_run_reports_progress_and_tags_its_hparams(tmp_path):
 def test_interval_must_not_be_negative():
     with pytest.raises(ValueError, match="`interval` must be a number of seconds >= 0, got -1"):
         RunMonitor(interval=-1)
+
+
+class RankOneDiverges(Regression):
+    """Only rank 1's loss turns NaN: both ranks must still stop after the same batch."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_rank == 1 and self.global_step >= 3 else loss
+
+
+@pytest.mark.slow
+def test_every_rank_stops_at_the_batch_where_one_rank_diverged(tmp_path):
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        logger=TensorBoardLogger(tmp_path, name="", version="seed_0"),
+        callbacks=[RunMonitor(status_file=str(tmp_path / "status.json"), interval=0)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(RankOneDiverges(), DataLoader(data, batch_size=4))  # 4 steps per rank and epoch
+    status = json.loads((tmp_path / "status.json").read_text())  # written by rank 0, whose loss stayed finite
+    assert status["state"] == "diverged" and status["diverged_at_step"] == 3 and status["step"] == 4

@@ -13,21 +13,30 @@ def _series(steps, values):
 
 
 def test_mean_curve_averages_runs_step_by_step():
-    steps, mean, std = mean_curve([_series([0, 2, 4], [1.0, 2.0, 3.0]), _series([0, 2, 4], [3.0, 4.0, 9.0])])
-    assert steps.tolist() == [0, 2, 4]
-    assert mean.tolist() == [2.0, 3.0, 6.0]
-    assert std.tolist() == [1.0, 1.0, 3.0]
+    curve = mean_curve([_series([0, 2, 4], [1.0, 2.0, 3.0]), _series([0, 2, 4], [3.0, 4.0, 9.0])])
+    assert curve.steps.tolist() == [0, 2, 4]
+    assert curve.mean.tolist() == [2.0, 3.0, 6.0]
+    assert curve.std.tolist() == [1.0, 1.0, 3.0]
+    assert (curve.low.tolist(), curve.high.tolist()) == ([1.0, 2.0, 3.0], [3.0, 4.0, 9.0])
+
+
+def test_the_band_is_one_std_clipped_to_the_runs_range():
+    # three runs at one step: 1, 1, 10 -> mean 4, population std sqrt(18): mean - std < 1 is clipped to 1
+    curve = mean_curve([_series([0], [1.0]), _series([0], [1.0]), _series([0], [10.0])])
+    low, high = curve.band
+    assert low.tolist() == [1.0]
+    assert high.tolist() == pytest.approx([4.0 + 18**0.5])
 
 
 def test_mean_curve_interpolates_other_steps_within_their_range_and_skips_non_finite():
     # the second run logged at odd steps up to 3 only: at step 2 it is interpolated (3+5)/2, at 4 it is absent
-    steps, mean, _ = mean_curve([_series([0, 2, 4], [2.0, 2.0, 2.0]), _series([1, 3], [3.0, 5.0])])
-    assert steps.tolist() == [0, 2, 4]
-    assert mean.tolist() == pytest.approx([2.0, (2.0 + 4.0) / 2, 2.0])
-    steps, mean, _ = mean_curve([_series([0, 1, 2], [1.0, float("nan"), 3.0])])
-    assert mean.tolist() == [1.0, 2.0, 3.0]  # a NaN between finite points: interpolated from its neighbours
-    steps, mean, _ = mean_curve([_series([0, 1], [1.0, float("nan")])])
-    assert steps.tolist() == [0]  # after the last finite point there is nothing to show
+    curve = mean_curve([_series([0, 2, 4], [2.0, 2.0, 2.0]), _series([1, 3], [3.0, 5.0])])
+    assert curve.steps.tolist() == [0, 2, 4]
+    assert curve.mean.tolist() == pytest.approx([2.0, (2.0 + 4.0) / 2, 2.0])
+    curve = mean_curve([_series([0, 1, 2], [1.0, float("nan"), 3.0])])
+    assert curve.mean.tolist() == [1.0, 2.0, 3.0]  # a NaN between finite points: interpolated from its neighbours
+    curve = mean_curve([_series([0, 1], [1.0, float("nan")])])
+    assert curve.steps.tolist() == [0]  # after the last finite point there is nothing to show
     assert mean_curve([]) is None
 
 
