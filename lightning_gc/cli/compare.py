@@ -24,13 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train baseline and GC for several seeds and summarise the difference",
         description="Does GC help on this task? Train the baseline and the GC config of a project for each seed,"
         " then summarise both arms side by side (summary.md, summary.csv, curves.png, TensorBoard).",
+        usage="%(prog)s PROJECT_DIR [--seeds N] [--max-epochs N] [--config CONFIG] [--out DIR] [--resume | --overwrite]"
+        " [--metric METRIC --mode {min,max}] [--target X] [-- LightningCLI arguments]",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("project", metavar="PROJECT_DIR", help="a project folder (template convention) or a template name")
-    parser.add_argument("--seeds", type=_positive("--seeds"), default=3, help="seeds 0..N-1, each in both arms (default 3)")
+    parser.add_argument("--seeds", type=_positive("--seeds"), default=3, metavar="N", help="seeds 0..N-1, each in both arms (default 3)")
     parser.add_argument(
-        "--max-epochs", type=_positive("--max-epochs"), default=None, help="epochs per run (default: the configs')"
+        "--max-epochs", type=_positive("--max-epochs"), default=None, metavar="N", help="epochs per run (default: the configs')"
     )
     parser.add_argument(
         "--config",
@@ -39,14 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CONFIG",
         help="setting config applied after each arm's config, e.g. configs/settings/high_lr.yaml (repeatable)",
     )
-    parser.add_argument("--out", help="output folder (default runs/compare/<project>[-<setting>])")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default runs/compare/<project>[-<setting>])")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier run of this comparison")
     again.add_argument("--overwrite", action="store_true", help="delete an earlier comparison in --out first")
     parser.add_argument("--metric", help="primary validation metric (default: the ModelCheckpoint's monitor)")
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --metric is better")
     parser.add_argument(
-        "--target", type=float, default=None, help="metric value for 'steps to target' (default: within 5%% of the best)"
+        "--target", type=float, default=None, metavar="X", help="metric value for 'steps to target' (default: within 5%% of the best)"
     )
     parser.set_defaults(run=run, accepts_extra=True)
 
