@@ -2,6 +2,8 @@
 
 Single-device and DDP-style strategies leave every rank a full, dense gradient of each parameter's
 logical shape: :mod:`lightning_gc.centralize` applies directly (:mod:`~lightning_gc.sharding.dense`).
+FSDP1 leaves each rank a range of flattened parameters (:mod:`~lightning_gc.sharding.fsdp`, with the row
+geometry of flat ranges in :mod:`~lightning_gc.sharding.flat_rows`).
 Sharded strategies (FSDP, FSDP2/tensor parallel, DeepSpeed) each hand the hook a different layout; each
 gets an adapter module here. A layout no adapter handles is refused by :mod:`~lightning_gc.sharding.guard`.
 """
@@ -40,10 +42,16 @@ def adapter_for(strategy: object) -> LayoutAdapter:
     Raises:
         UnsupportedGradientLayoutError: when no adapter handles the strategy.
     """
+    name = type(strategy).__name__
+    bases = {cls.__name__ for cls in type(strategy).__mro__}
+    if "FSDPStrategy" in bases:
+        from lightning_gc.sharding.fsdp import FSDPAdapter
+
+        return FSDPAdapter(strategy_name=name, root=lambda: getattr(strategy, "model", None))
     check_strategy(strategy)
     from lightning_gc.sharding.dense import DenseAdapter
 
-    return DenseAdapter(strategy_name=type(strategy).__name__)
+    return DenseAdapter(strategy_name=name)
 
 
 __all__ = [
