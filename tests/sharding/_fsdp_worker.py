@@ -40,8 +40,8 @@ def main(out_dir: str, configs_json: str) -> None:
             exclude=config.get("exclude", ()),
             centralize_weight_decay=bool(config.get("weight_decay")),
         )
-        recorders = [_GradRecorder(), _GradRecorder()] if config.get("use_orig_params", True) else []
-        callbacks = [recorders[0], gc, recorders[1]] if recorders else [gc]
+        recorders = [_GradRecorder(), _GradRecorder()]
+        callbacks = [recorders[0], gc, recorders[1]]
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=case.WORLD,
@@ -67,8 +67,9 @@ def main(out_dir: str, configs_json: str) -> None:
             "cut_rows": {t.name: len(t.cut_rows) for t in plans[0].targets},
             "generic": {t.name: not t.rows.rows_are_blocks for t in plans[0].targets},
             "bytes_per_step": plans[0].bytes_per_step(compute_stats=True),
-            "pre": recorders[0].grads if recorders else None,
-            "post": recorders[1].grads if recorders else None,
+            "pre": recorders[0].grads,
+            "weights": recorders[0].params,
+            "post": recorders[1].grads,
         }
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
@@ -100,7 +101,7 @@ def _functional_run(case: Any, config: dict[str, Any], rank: int) -> dict[str, A
         metrics.append({"gc/grad_norm": float(stats.grad_norm), "gc/removed_norm_ratio": float(stats.removed_norm_ratio)})
         optimizer.step()
         optimizer.zero_grad()
-    return {"params": _full_params(model), "metrics": metrics, "pre": None, "post": None}
+    return {"params": _full_params(model), "metrics": metrics}
 
 
 class _LitNet:  # built lazily so that importing this file needs no Lightning
@@ -123,22 +124,48 @@ class _LitNet:  # built lazily so that importing this file needs no Lightning
 
 
 class _GradRecorder:  # built lazily so that importing this file needs no Lightning
-    """Records the full (unsharded) gradients at ``on_before_optimizer_step``, through FSDP's own gather."""
+    """Records the full (unsharded) gradients at ``on_before_optimizer_step``, gathered by FSDP's own code.
+
+    ``use_orig_params=True``: ``summon_full_params(with_grads=True)``. ``False`` (which that does not
+    support): the flat gradient shards all-gathered and split by FSDP's ``_get_unflat_views``.
+    """
 
     def __new__(cls):  # type: ignore[misc]
         from lightning.pytorch.callbacks import Callback
-        from torch.distributed.fsdp import FullyShardedDataParallel
 
         class GradRecorder(Callback):
             def __init__(self) -> None:
                 self.grads: list[dict[str, torch.Tensor]] = []
+                self.params: list[dict[str, torch.Tensor]] = []
 
             def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-                model = trainer.strategy.model
-                with FullyShardedDataParallel.summon_full_params(model, writeback=False, with_grads=True):
-                    self.grads.append({_clean(n): p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None})
+                self.grads.append(_full_grads(trainer.strategy.model))
+                self.params.append(_full_params(trainer.strategy.model))
 
         return GradRecorder()
+
+
+def _full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if model._use_orig_params:
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, with_grads=True):
+            return {_clean(n): p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {}
+    for prefix, fsdp_module in model.named_modules():
+        handle = getattr(fsdp_module, "_handle", None) if isinstance(fsdp_module, FullyShardedDataParallel) else None
+        if handle is None or handle.flat_param.grad is None:
+            continue
+        flat_param, shard = handle.flat_param, handle.flat_param.grad
+        full = shard
+        if handle.uses_sharded_strategy:
+            full = torch.empty(shard.numel() * handle.world_size, dtype=shard.dtype)
+            dist.all_gather_into_tensor(full, shard.contiguous(), group=handle.process_group)
+        full = full[: flat_param._unpadded_unsharded_size.numel()]
+        for fqn, view in zip(flat_param._fqns, handle._get_unflat_views(full)):
+            grads[_clean(f"{prefix}.{fqn}" if prefix else fqn)] = view.double().clone()
+    return grads
 
 
 def _clean(name: str) -> str:
