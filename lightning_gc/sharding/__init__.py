@@ -3,7 +3,9 @@
 Single-device and DDP-style strategies leave every rank a full, dense gradient of each parameter's
 logical shape: :mod:`lightning_gc.centralize` applies directly (:mod:`~lightning_gc.sharding.dense`).
 FSDP1 leaves each rank a range of flattened parameters (:mod:`~lightning_gc.sharding.fsdp`, with the row
-geometry of flat ranges in :mod:`~lightning_gc.sharding.flat_rows`).
+geometry of flat ranges in :mod:`~lightning_gc.sharding.flat_rows`); DeepSpeed ZeRO-1/2 a partition of
+flattened parameter groups (:mod:`~lightning_gc.sharding.deepspeed`). Both reduce only the rows that
+shard boundaries cut (:mod:`~lightning_gc.sharding.row_reduce`).
 Sharded strategies (FSDP, FSDP2/tensor parallel, DeepSpeed) each hand the hook a different layout; each
 gets an adapter module here. A layout no adapter handles is refused by :mod:`~lightning_gc.sharding.guard`.
 """
@@ -40,7 +42,7 @@ def adapter_for(strategy: object) -> LayoutAdapter:
     """The adapter for ``strategy``'s gradient layout.
 
     Raises:
-        UnsupportedGradientLayoutError: when no adapter handles the strategy.
+        UnsupportedGradientLayoutError: when no adapter handles the strategy (DeepSpeed ZeRO-3 included).
     """
     name = type(strategy).__name__
     bases = {cls.__name__ for cls in type(strategy).__mro__}
@@ -48,6 +50,11 @@ def adapter_for(strategy: object) -> LayoutAdapter:
         from lightning_gc.sharding.fsdp import FSDPAdapter
 
         return FSDPAdapter(strategy_name=name, root=lambda: getattr(strategy, "model", None))
+    if "DeepSpeedStrategy" in bases:
+        from lightning_gc.sharding.deepspeed import DeepSpeedAdapter, check_zero_stage
+
+        check_zero_stage(strategy)
+        return DeepSpeedAdapter(strategy_name=name, engine=lambda: getattr(strategy, "model", None))
     check_strategy(strategy)
     from lightning_gc.sharding.dense import DenseAdapter
 

@@ -5,11 +5,12 @@ alignment padding) and gives rank ``r`` of the shard group the range ``[r * S, (
 hook each rank holds that range of the reduced gradient: ``flat_param.grad`` (``use_orig_params=False``,
 the optimizer holds ``FlatParameter`` s), or 1-D views of it as the original parameters' ``.grad``
 (``use_orig_params=True``; ``None`` where the parameter is not in the rank's range). Rows cut by a range
-boundary get their sum from every rank that holds a piece: each rank sums its pieces per row, the partial
-sums of the cut rows (and, for ``centralize_weight_decay``, of the weights; and two scalars for the
+boundary get their sum from every rank that holds a piece (:mod:`~lightning_gc.sharding.row_reduce`): the
+partial sums of the cut rows (and, for ``centralize_weight_decay``, of the weights; and two scalars for the
 diagnostics) travel in **one** all-reduce per shard group per step, and each rank subtracts locally. Rows
-a rank holds whole never leave it. Row sizes are static, so no counts travel. ``NO_SHARD`` (and a shard
-group of one rank, e.g. ``HYBRID_SHARD`` with one rank per shard) needs no communication at all.
+a rank holds whole never leave it. ``HYBRID_SHARD`` reduces over the shard group only (replicas hold the
+same shards). ``NO_SHARD``, and a shard group of one rank (which FSDP runs as ``NO_SHARD``), need no
+communication at all.
 
 The row geometry comes from PyTorch's private flat-parameter metadata (``_shard_param_infos``, ``_shapes``,
 ``_strides``, ``_numels_with_padding``, ...). It is checked for presence when a plan is built, and the
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -34,6 +34,7 @@ from lightning_gc.plan import GCPlan, PlannedTarget, _decay_for_group, _warn_abo
 from lightning_gc.selection import Owner
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
 from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
+from lightning_gc.sharding.row_reduce import PieceTarget, ReduceGroup, accumulation_dtype
 
 Warn = Callable[[str], None]
 
@@ -75,29 +76,19 @@ class FSDPAdapter:
 
 
 @dataclass
-class _Target:
-    """One centralized parameter: its rows, and the piece of them this rank holds."""
+class _FSDPTarget(PieceTarget):
+    """A weight inside an FSDP1 ``FlatParameter``: its piece is ``[offset, offset + n)`` of the local shard."""
 
-    name: str
-    rows: FlatRows
-    decay: float
-    handle: Any  # FlatParamHandle
-    orig: nn.Parameter | None  # the optimizer's parameter under use_orig_params=True
-    offset: int  # of the piece in the local shard
-    piece: RowSlice | None  # None: no entry of this parameter on this rank
-    cut_rows: list[int]
-    grad_slots: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    weight_slots: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    local_cut: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # cut rows, as local rows
+    handle: Any = None  # FlatParamHandle
+    orig: nn.Parameter | None = None  # the optimizer's parameter under use_orig_params=True
+    offset: int = 0
 
     def counts(self) -> bool:
-        """Whether the parameter has a gradient this step, on every rank alike."""
         if self.handle.flat_param.grad is None:
             return False
         return self.orig is None or self.orig.requires_grad
 
     def grad(self) -> Tensor | None:
-        """This rank's piece of the gradient, flat, or None."""
         flat_grad = self.handle.flat_param.grad
         if self.piece is None or flat_grad is None:
             return None
@@ -114,114 +105,9 @@ class _Target:
         return piece
 
     def weight(self) -> Tensor | None:
-        """This rank's piece of the weight, flat, or None."""
         if self.piece is None:
             return None
         return self.handle.flat_param.detach().narrow(0, self.offset, self.piece.numel)
-
-
-@dataclass
-class _ShardGroup:
-    """Targets whose handles share a shard process group: one all-reduce for all of them per step."""
-
-    process_group: Any
-    device: torch.device
-    dtype: torch.dtype
-    replicated: bool  # every rank holds every entry: nothing to reduce
-    targets: list[_Target] = field(default_factory=list)
-    grad_slots: int = 0
-    weight_slots: int = 0
-    slot_row_numel: Tensor | None = None
-
-    def assign_slots(self) -> None:
-        """Give every cut row of every target a position in the reduced buffer (same on every rank)."""
-        row_numels: list[int] = []
-        for target in self.targets:
-            target.grad_slots = torch.arange(self.grad_slots, self.grad_slots + len(target.cut_rows))
-            self.grad_slots += len(target.cut_rows)
-            row_numels += [target.rows.row_numel] * len(target.cut_rows)
-        for target in self.targets:
-            if target.decay:
-                target.weight_slots = self.grad_slots + torch.arange(self.weight_slots, self.weight_slots + len(target.cut_rows))
-                self.weight_slots += len(target.cut_rows)
-        self.slot_row_numel = torch.tensor(row_numels, dtype=self.dtype, device=self.device)
-        for target in self.targets:
-            _localize_slots(target, self.device)
-
-    def buffer_numel(self, compute_stats: bool) -> int:
-        """Entries all-reduced per step: partial sums of cut rows, plus two scalars for the diagnostics."""
-        if self.replicated:
-            return 0
-        return self.grad_slots + self.weight_slots + (2 if compute_stats else 0)
-
-    def apply(self, compute_stats: bool, grad_scale: float) -> tuple[Tensor, Tensor] | None:
-        """Centralize this group's pieces; return the group-global ``(grad_sq, removed_sq)`` if asked."""
-        live = [(t, g) for t in self.targets if (g := t.grad()) is not None]
-        sums = [t.piece.sums(g, self.dtype) for t, g in live]  # type: ignore[union-attr]
-        weight_sums = {id(t): t.piece.sums(w, self.dtype) for t in self.targets if t.decay and (w := t.weight()) is not None}  # type: ignore[union-attr]
-        grad_sq = removed_local = None
-        if compute_stats:
-            grad_sq, removed_local = self._local_stats(live, sums)
-        reduced = self._all_reduce(live, sums, weight_sums, grad_sq, removed_local)
-        for (target, grad), row_sums in zip(live, sums):
-            mean = self._global(target, row_sums, target.grad_slots, reduced) / target.rows.row_numel
-            if target.decay:
-                weight_mean = self._global(target, weight_sums[id(target)], target.weight_slots, reduced) / target.rows.row_numel
-                mean = mean + (target.decay * grad_scale) * weight_mean
-            target.piece.subtract_(grad, mean.to(grad.device))  # type: ignore[union-attr]
-        if not compute_stats:
-            return None
-        if reduced is None:
-            return grad_sq, removed_local  # type: ignore[return-value]
-        stats = reduced[-2:]
-        cut = reduced[: self.grad_slots]
-        removed_cut = (cut.square() / self.slot_row_numel).sum()  # type: ignore[operator]
-        return stats[0], stats[1] + removed_cut
-
-    def _local_stats(self, live: list[tuple[_Target, Tensor]], sums: list[Tensor]) -> tuple[Tensor, Tensor]:
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        grad_sq = sum((torch.linalg.vector_norm(g, dtype=self.dtype).to(self.device).square() for _, g in live), zero)
-        removed = zero
-        for (target, _), row_sums in zip(live, sums):
-            own = row_sums.square().sum() - row_sums.index_select(0, target.local_cut.to(row_sums.device)).square().sum()
-            removed = removed + (own / target.rows.row_numel).to(self.device)
-        return grad_sq, removed
-
-    def _all_reduce(
-        self,
-        live: list[tuple[_Target, Tensor]],
-        sums: list[Tensor],
-        weight_sums: dict[int, Tensor],
-        grad_sq: Tensor | None,
-        removed_local: Tensor | None,
-    ) -> Tensor | None:
-        size = self.buffer_numel(grad_sq is not None)
-        if size == 0:
-            return None
-        buffer = torch.zeros(size, dtype=self.dtype, device=self.device)
-        slots, values = [], []
-        for (target, _), row_sums in zip(live, sums):
-            slots.append(target.grad_slots)
-            values.append(row_sums.index_select(0, target.local_cut.to(row_sums.device)).to(self.device))
-        for target in self.targets:
-            if id(target) in weight_sums:
-                row_sums = weight_sums[id(target)]
-                slots.append(target.weight_slots)
-                values.append(row_sums.index_select(0, target.local_cut.to(row_sums.device)).to(self.device))
-        present = [(s, v) for s, v in zip(slots, values) if s.numel()]
-        if present:
-            buffer.index_copy_(0, torch.cat([s for s, _ in present]), torch.cat([v for _, v in present]))
-        if grad_sq is not None and removed_local is not None:
-            buffer[-2] = grad_sq
-            buffer[-1] = removed_local
-        dist.all_reduce(buffer, group=self.process_group)
-        return buffer
-
-    def _global(self, target: _Target, row_sums: Tensor, slots: Tensor, reduced: Tensor | None) -> Tensor:
-        """``row_sums`` with the cut rows' local partial sums replaced by their all-reduced totals."""
-        if reduced is None or not slots.numel():
-            return row_sums
-        return row_sums.index_copy(0, target.local_cut.to(row_sums.device), reduced.index_select(0, slots).to(row_sums.device))
 
 
 class FlatShardPlan:
@@ -231,12 +117,12 @@ class FlatShardPlan:
     at most one collective per shard group, the same number on every rank).
     """
 
-    def __init__(self, groups: list[_ShardGroup], dense: GCPlan | None) -> None:
+    def __init__(self, groups: list[ReduceGroup], dense: GCPlan | None) -> None:
         self.groups = groups
         self.dense = dense
 
     @property
-    def targets(self) -> list[_Target]:
+    def targets(self) -> list[PieceTarget]:
         """Every FSDP-managed parameter GC applies to."""
         return [t for g in self.groups for t in g.targets]
 
@@ -264,7 +150,7 @@ class FlatShardPlan:
         param_groups = optimizer.param_groups if optimizer is not None else [{"params": list(module.parameters())}]
         candidates, leftovers = _candidates(param_groups, handles, strategy_name)
         names: list[str] = []
-        groups: dict[int, _ShardGroup] = {}
+        groups: dict[int, ReduceGroup] = {}
         decays: dict[int, float] = {}
         for handle, index, orig, param_group in candidates:
             flat_param = handle.flat_param
@@ -282,7 +168,8 @@ class FlatShardPlan:
             target = _target(handle, index, orig, name, rows, decays.get(id(param_group), 0.0))
             key = -1 if _replicated(handle) else id(handle.process_group)
             if key not in groups:
-                groups[key] = _ShardGroup(handle.process_group, handle.device, _accumulation_dtype(handle), _replicated(handle))
+                dtype = accumulation_dtype(handle.flat_param.dtype)
+                groups[key] = ReduceGroup(handle.process_group, handle.device, dtype, _replicated(handle))
             groups[key].targets.append(target)
         selector.track_names(names)
         dense = _dense_plan(optimizer, module, config, leftovers, strategy_name)
@@ -394,7 +281,7 @@ def _candidates(
     return found, leftovers
 
 
-def _target(handle: Any, index: int, orig: nn.Parameter | None, name: str, rows: FlatRows, decay: float) -> _Target:
+def _target(handle: Any, index: int, orig: nn.Parameter | None, name: str, rows: FlatRows, decay: float) -> _FSDPTarget:
     """Locate this rank's piece of parameter ``index`` of ``handle`` and the rows shard boundaries cut."""
     flat_param = handle.flat_param
     start = _unsharded_offset(flat_param, index)
@@ -414,22 +301,7 @@ def _target(handle: Any, index: int, orig: nn.Parameter | None, name: str, rows:
         )
     piece = RowSlice(rows, lo, hi, handle.device) if lo < hi else None
     offset = info.offset_in_shard if piece is not None else 0
-    return _Target(name, rows, decay, handle, orig, offset, piece, rows.cut_rows(boundaries))
-
-
-def _localize_slots(target: _Target, device: torch.device) -> None:
-    """Keep the slots of the cut rows this rank touches, with their local row numbers."""
-    if target.piece is None or not target.cut_rows:
-        target.grad_slots = target.grad_slots[:0]
-        target.weight_slots = target.weight_slots[:0]
-        return
-    first, count = target.piece.first_row, target.piece.local_rows
-    keep = [k for k, row in enumerate(target.cut_rows) if first <= row < first + count]
-    keep_t = torch.tensor(keep, dtype=torch.long)
-    target.local_cut = torch.tensor([target.cut_rows[k] - first for k in keep], dtype=torch.long, device=device)
-    target.grad_slots = target.grad_slots.index_select(0, keep_t).to(device)
-    if target.decay:
-        target.weight_slots = target.weight_slots.index_select(0, keep_t).to(device)
+    return _FSDPTarget(name, rows, decay, piece, rows.cut_rows(boundaries), handle=handle, orig=orig, offset=offset)
 
 
 def _unsharded_offset(flat_param: Any, index: int) -> int:
@@ -446,10 +318,6 @@ def _unsharded_offset(flat_param: Any, index: int) -> int:
 
 def _replicated(handle: Any) -> bool:
     return not handle.uses_sharded_strategy or handle.world_size == 1
-
-
-def _accumulation_dtype(handle: Any) -> torch.dtype:
-    return torch.float64 if handle.flat_param.dtype == torch.float64 else torch.float32
 
 
 def _module_names(module: nn.Module, root: nn.Module) -> dict[int, str]:

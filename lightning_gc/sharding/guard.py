@@ -14,21 +14,21 @@ class UnsupportedGradientLayoutError(RuntimeError):
     """GC was asked to centralize a gradient whose layout it does not handle."""
 
 
-_SHARDED_STRATEGIES = ("DeepSpeedStrategy", "ModelParallelStrategy")
+_SHARDED_STRATEGIES = ("ModelParallelStrategy",)
 
 
 def check_strategy(strategy: object) -> None:
     """Raise if ``strategy`` shards gradients in a layout lightning-gc cannot centralize exactly.
 
     Raises:
-        UnsupportedGradientLayoutError: for FSDP2/ModelParallel and DeepSpeed strategies.
+        UnsupportedGradientLayoutError: for FSDP2/ModelParallel strategies.
     """
     for cls in type(strategy).__mro__:
         if cls.__name__ in _SHARDED_STRATEGIES:
             raise UnsupportedGradientLayoutError(
                 f"GradientCentralization does not support {type(strategy).__name__}: its gradients are sharded,"
                 " and centralizing the shards would be silently wrong. Supported strategies: single device,"
-                " DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook), FSDP (FSDPStrategy)."
+                " DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook), FSDP (FSDPStrategy), DeepSpeed ZeRO stages 1 and 2."
             )
 
 
