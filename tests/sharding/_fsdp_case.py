@@ -90,11 +90,13 @@ def reference_run(
     weight_decay: float = 0.0,
     optimizer: str = "sgd",
     gc: bool = True,
+    grad_factor: float = 1.0,
 ) -> tuple[dict[str, Tensor], list[dict[str, float]]]:
     """Train in float64 on the union of all ranks' batches; return final params and per-step GC stats.
 
     GC is applied to ``g + weight_decay * w`` (the paper's SGD_GC), and the optimizer then adds the decay
-    itself, as under ``centralize_weight_decay=True``.
+    itself, as under ``centralize_weight_decay=True``. ``grad_factor`` scales the gradient first (Lightning
+    divides the loss by ``accumulate_grad_batches`` and DeepSpeed divides it again).
     """
     net = make_net(torch.float64)
     opt = make_optimizer(net.parameters(), optimizer, weight_decay)
@@ -104,7 +106,7 @@ def reference_run(
     for step in range(STEPS):
         opt.zero_grad()
         loss = loss_fn(net(x[step].reshape(-1, 3, 9).double()), y[step].reshape(-1, 3).double())
-        loss.backward()
+        (loss * grad_factor).backward()
         grad_sq = removed_sq = 0.0
         for name, p in net.named_parameters():
             if p.ndim < 2 or name in exclude or not gc:
@@ -122,6 +124,9 @@ def reference_run(
 def make_optimizer(params, kind: str, weight_decay: float) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(params, lr=LR, weight_decay=weight_decay)
+    if kind == "sgd_groups":  # the same hyper-parameters in two groups: [conv, up] and the rest
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:4]}, {"params": params[4:]}], lr=LR, weight_decay=weight_decay)
     if kind == "adam":
         return torch.optim.Adam(params, lr=0.01, weight_decay=weight_decay)
     raise ValueError(kind)
