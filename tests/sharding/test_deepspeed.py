@@ -30,6 +30,7 @@ CONFIGS: list[dict[str, Any]] = [
     # Two parameter groups: a partition boundary falls inside the transposed conv's interleaved rows.
     {"name": "zero2-groups-decay", "stage": 2, "optimizer": "sgd_groups", "weight_decay": 0.1},
     {"name": "zero1-tensor-adam", "stage": 1, "mode": "tensor", "optimizer": "adam"},
+    {"name": "zero2-bf16_mixed", "stage": 2, "precision": "bf16-mixed"},  # bf16 gradient fragments
 ]
 GRAD_FACTOR = 1.0 / case.ACCUMULATE
 
@@ -55,6 +56,10 @@ def _reference(config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[di
     )
 
 
+def _bf16(config: dict[str, Any]) -> bool:
+    return config.get("precision", "32-true") != "32-true"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids(CONFIGS))
 def test_parameters_match_float64_reference(runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
@@ -62,8 +67,9 @@ def test_parameters_match_float64_reference(runs: list[dict[str, Any]], config: 
     for rank_results in runs:
         got = rank_results[config["name"]]["params"]
         assert set(got) == set(expected)
+        atol = 2e-3 if _bf16(config) else 1e-6
         for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, atol=1e-6, rtol=0, msg=f"{config['name']}: {name}")
+            torch.testing.assert_close(got[name], value, atol=atol, rtol=0, msg=f"{config['name']}: {name}")
 
 
 @pytest.mark.slow
@@ -80,7 +86,8 @@ def test_centralized_gradient_is_exact_gc_of_deepspeed_gradient(runs: list[dict[
             if before.ndim >= 2:
                 expected = case.gc_reference(name, before + decay * w, owners[name], config.get("mode", "channel")) - decay * w
             scale = (before.abs() + decay * w.abs()).max()  # the compensation is part of what is subtracted
-            assert (post[name] - expected).abs().max() <= 1e-6 * scale, f"{config['name']}: {name}"
+            tol = 8e-3 if _bf16(config) else 1e-6  # bf16 fragments: the result is rounded to bf16
+            assert (post[name] - expected).abs().max() <= tol * scale, f"{config['name']}: {name}"
 
 
 @pytest.mark.slow
@@ -92,9 +99,10 @@ def test_diagnostics_are_global_identical_and_only_at_boundaries(runs: list[dict
     boundary = [m for m in per_rank[0] if "gc/grad_norm" in m]
     skipped = [m for m in per_rank[0] if "gc/grad_norm" not in m]
     assert len(boundary) == case.STEPS and all(m["gc/centralized_tensors"] == 0 for m in skipped)
+    rtol = 2e-2 if _bf16(config) else 1e-5
     for logged, reference in zip(boundary, expected):
-        assert logged["gc/grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
-        assert logged["gc/removed_norm_ratio"] == pytest.approx(reference["removed_norm_ratio"], rel=1e-5)
+        assert logged["gc/grad_norm"] == pytest.approx(reference["grad_norm"], rel=rtol)
+        assert logged["gc/removed_norm_ratio"] == pytest.approx(reference["removed_norm_ratio"], rel=rtol)
 
 
 @pytest.mark.slow
