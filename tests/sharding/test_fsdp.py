@@ -45,6 +45,10 @@ CONFIGS: list[dict[str, Any]] = [
     {"name": "mp_bf16_bf16reduce-flat-decay", "mixed_precision": ["bfloat16", "bfloat16"], "use_orig_params": False, "wrap": True, "weight_decay": 0.1},
     {"name": "bf16_mixed-orig-wrapped", "precision": "bf16-mixed", "wrap": True},
     {"name": "bf16_true-orig-wrapped", "precision": "bf16-true", "wrap": True},
+    # Each sharding strategy once more, in low precision and with the other `use_orig_params`.
+    {"name": "shard_grad_op-orig-bf16_mixed", "sharding": "SHARD_GRAD_OP", "precision": "bf16-mixed", "wrap": True},
+    {"name": "hybrid_shard-flat-mp_bf16_fp32reduce", "sharding": "HYBRID_SHARD", "mesh": [1, 2], "use_orig_params": False, "mixed_precision": ["bfloat16", "float32"], "wrap": True},
+    {"name": "no_shard-orig-bf16_true", "sharding": "NO_SHARD", "precision": "bf16-true"},
     {"name": "functional-flat-decay", "functional": True, "use_orig_params": False, "wrap": True, "weight_decay": 0.1},
     {"name": "functional-orig-root", "functional": True},
 ]
