@@ -145,6 +145,12 @@ class FlatShardPlan:
         handles = fsdp_handles(root)
         for handle in handles:
             check_flat_param_metadata(handle.flat_param, strategy_name)
+        if handles and not torch_version_tested():
+            warn(
+                f"GradientCentralization under FSDP1 reads PyTorch's flat-parameter metadata, verified on torch"
+                f" {', '.join(TESTED_TORCH_VERSIONS)}; this is torch {torch.__version__}. Shard ranges are"
+                " cross-checked against that metadata on every rank, and a mismatch raises."
+            )
         module_names = _module_names(module, root)
         selector = config.selector()
         param_groups = optimizer.param_groups if optimizer is not None else [{"params": list(module.parameters())}]

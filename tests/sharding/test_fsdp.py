@@ -183,3 +183,12 @@ def test_fsdp_strategy_gets_the_fsdp_adapter() -> None:
     adapter = adapter_for(strategy)
     assert isinstance(adapter, FSDPAdapter)
     assert adapter.root() is None  # not set up: the adapter falls back to the module it is given
+
+
+def test_functional_refuses_bare_fsdp_flattened_parameters() -> None:
+    from lightning_gc import centralize_gradients
+
+    flat = torch.nn.Parameter(torch.zeros(7))
+    flat._fsdp_flattened = True  # what FSDP1 marks its 1-D shard views with
+    with pytest.raises(UnsupportedGradientLayoutError, match="Pass the FSDP-wrapped module"):
+        centralize_gradients([flat])
