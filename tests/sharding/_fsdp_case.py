@@ -7,8 +7,6 @@ put output channels in dim 1, so their rows interleave in the flat layout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -130,24 +128,6 @@ def make_optimizer(params, kind: str, weight_decay: float) -> torch.optim.Optimi
     if kind == "adam":
         return torch.optim.Adam(params, lr=0.01, weight_decay=weight_decay)
     raise ValueError(kind)
-
-
-def initial_params() -> dict[str, Tensor]:
-    return {n: p.detach().double().clone() for n, p in make_net().named_parameters()}
-
-
-def zero_row_sums(delta: Tensor, module: nn.Module, mode: str) -> float:
-    """Largest |row sum| / row L1 norm of an update: 0 when the update is centralized exactly."""
-    if mode == "tensor":
-        return (delta.sum().abs() / delta.abs().sum()).item()
-    if isinstance(module, nn.ConvTranspose1d):
-        v = delta.reshape(module.groups, delta.shape[0] // module.groups, delta.shape[1], delta.shape[2])
-        return (v.sum(dim=(1, 3)).abs() / v.abs().sum(dim=(1, 3))).max().item()
-    dims = tuple(range(1, delta.ndim))
-    return (delta.sum(dim=dims).abs() / delta.abs().sum(dim=dims)).max().item()
-
-
-Owners = Callable[[], dict[str, nn.Module]]
 
 
 def owners() -> dict[str, nn.Module]:
