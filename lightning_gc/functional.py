@@ -14,6 +14,9 @@ from lightning_gc.diagnostics import GCStats
 from lightning_gc.plan import GCPlan
 from lightning_gc.plan_cache import PlanCache
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec
+from lightning_gc.sharding import AppliesGC
+from lightning_gc.sharding.dtensor import DTensorPlan, has_dtensors
+from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
 
 
 def centralize_gradients(
@@ -36,6 +39,9 @@ def centralize_gradients(
     transposed convolutions (centralized per output channel, dim 1) work as in the callback. Given an
     iterable of parameters, only the dimension rule (``ndim >= 2``) and ``exclude`` patterns (matched
     against ``param_<i>``) apply; ``conv_only=True`` is then an error.
+
+    DTensor parameters (FSDP2 ``fully_shard``, tensor parallel, e.g. under Fabric's ``ModelParallelStrategy``)
+    are centralized exactly in their sharded layout; then every rank must make the call (it communicates).
 
     Args:
         model_or_params: the model, or the parameters to consider.
@@ -75,18 +81,51 @@ def centralize_gradients(
 
 def build_plan(
     model_or_params: nn.Module | Iterable[nn.Parameter], config: GCConfig, optimizer: Optimizer | None = None
-) -> GCPlan:
-    """The :class:`~lightning_gc.plan.GCPlan` for ``config``; keep it to skip re-planning on every step."""
+) -> AppliesGC:
+    """The plan for ``config``; keep it to skip re-planning on every step.
+
+    A :class:`~lightning_gc.plan.GCPlan` for dense gradients; a
+    :class:`~lightning_gc.sharding.dtensor.DTensorPlan` when parameters are DTensors (FSDP2 / tensor
+    parallel, e.g. Fabric's ``ModelParallelStrategy``); a :class:`~lightning_gc.sharding.fsdp.FlatShardPlan`
+    for a module wrapped in FSDP1 (``FullyShardedDataParallel``). Sharded plans communicate: call their
+    ``apply`` on every rank.
+
+    Raises:
+        UnsupportedGradientLayoutError: for bare FSDP-flattened parameters (pass the wrapped module instead).
+    """
     selector = config.selector()
     module = model_or_params if isinstance(model_or_params, nn.Module) else None
+    if module is not None and _is_fsdp1(module):
+        from lightning_gc.sharding.fsdp import FlatShardPlan
+
+        return FlatShardPlan.for_optimizer(optimizer, module, module, config, _warn, "FullyShardedDataParallel")
+    if module is None:
+        model_or_params = list(model_or_params)
+        _refuse_flattened(model_or_params)
     if optimizer is not None:
         only = None if module is not None else {id(p) for p in model_or_params}
-        return GCPlan.for_optimizer(
+        plan = GCPlan.for_optimizer(
             optimizer, selector, config.mode, module, config.centralize_weight_decay, warn=_warn, only=only
         )
-    if module is not None:
-        return GCPlan.for_module(module, selector, config.mode, warn=_warn)
-    return GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn)
+    elif module is not None:
+        plan = GCPlan.for_module(module, selector, config.mode, warn=_warn)
+    else:
+        plan = GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn)
+    if has_dtensors(t.target.param for t in plan.targets):  # Fabric's ModelParallelStrategy: FSDP2, TP
+        return DTensorPlan(plan.targets, plan.mode, warn=_warn)
+    return plan
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules())
+
+
+def _refuse_flattened(params: list[nn.Parameter]) -> None:
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise UnsupportedGradientLayoutError(
+            "centralize_gradients got parameters flattened by FSDP: their gradients are 1-D shards. Pass the"
+            " FSDP-wrapped module (with `optimizer=` to restrict to its parameters) so the shards can be mapped back."
+        )
 
 
 _PLANS = PlanCache()

@@ -105,8 +105,17 @@ class Selector:
         """``exclude`` patterns that matched no parameter name in the last selection."""
         return sorted(self._unmatched)
 
-    def _target(self, param: nn.Parameter, owner: Owner) -> Target | None:
-        if param.ndim < 2 or not param.requires_grad:
+    def layout_for(self, owner: Owner, ndim: int) -> RowLayout | None:
+        """The layout GC uses for a trainable parameter of ``ndim`` logical dims owned by ``owner``, or None.
+
+        For callers whose tensors are not in their logical shape (FSDP's flattened shards): they pass the
+        logical ``ndim`` and report the names they considered with :meth:`track_names`.
+
+        Example:
+            >>> Selector().layout_for(Owner("0.weight", nn.Linear(2, 3), "weight"), ndim=2)
+            RowLayout(out_dim=0, groups=1)
+        """
+        if ndim < 2:
             return None
         if any(fnmatch.fnmatchcase(owner.name, pattern) for pattern in self.exclude):
             return None
@@ -116,7 +125,18 @@ class Selector:
         is_conv_weight = isinstance(module, CONV_TYPES) and owner.attr == "weight"
         if self.conv_only and not is_conv_weight:
             return None
-        return Target(param=param, name=owner.name, layout=layout_of(module, owner.attr))
+        return layout_of(module, owner.attr)
+
+    def track_names(self, names: Iterable[str]) -> None:
+        """Record the parameter names of a selection made with :meth:`layout_for`, for :attr:`unmatched_patterns`."""
+        names = list(names)
+        self._unmatched = {p for p in self.exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)}
+
+    def _target(self, param: nn.Parameter, owner: Owner) -> Target | None:
+        if not param.requires_grad:
+            return None
+        layout = self.layout_for(owner, param.ndim)
+        return None if layout is None else Target(param=param, name=owner.name, layout=layout)
 
 
 def layout_of(module: nn.Module | None, attr: str) -> RowLayout:

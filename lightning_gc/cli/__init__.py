@@ -13,7 +13,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _subcommands():
         module.register(sub)
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Arguments after the first `--` are passed through untouched (e.g. to LightningCLI); argparse's own
+    # handling of `--` in `parse_known_args` drops or keeps the marker depending on what precedes it.
+    passthrough = argv[argv.index("--") :] if "--" in argv else []
+    args, extra = parser.parse_known_args(argv[: len(argv) - len(passthrough)])
+    extra += passthrough
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.run(args, extra) or 0)
@@ -21,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _subcommands() -> list:
     """Each subcommand module exposes ``register(subparsers)`` setting ``run`` as the parser's default."""
-    return []
+    from lightning_gc.cli import compare
+
+    return [compare]
 
 
 if __name__ == "__main__":

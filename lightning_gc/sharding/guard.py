@@ -14,24 +14,6 @@ class UnsupportedGradientLayoutError(RuntimeError):
     """GC was asked to centralize a gradient whose layout it does not handle."""
 
 
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def check_strategy(strategy: object) -> None:
-    """Raise if ``strategy`` shards gradients in a layout lightning-gc cannot centralize exactly.
-
-    Raises:
-        UnsupportedGradientLayoutError: for FSDP, FSDP2/ModelParallel and DeepSpeed strategies.
-    """
-    for cls in type(strategy).__mro__:
-        if cls.__name__ in _SHARDED_STRATEGIES:
-            raise UnsupportedGradientLayoutError(
-                f"GradientCentralization does not support {type(strategy).__name__}: its gradients are sharded,"
-                " and centralizing the shards would be silently wrong. Supported strategies: single device,"
-                " DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook)."
-            )
-
-
 def check_dense_gradient(target: Target, grad: Tensor, strategy_name: str = "") -> None:
     """Raise unless ``grad`` is a plain tensor of ``target.param``'s logical shape.
 

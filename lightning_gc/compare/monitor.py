@@ -1,0 +1,163 @@
+"""The callback ``lightning-gc compare`` adds to every run: stop on a non-finite loss, report progress, tag hparams."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+
+class RunMonitor(Callback):
+    """Watch one run of a comparison from inside the trainer.
+
+    * Divergence is a result, not a crash: when the training loss of a batch is NaN or infinite the run is
+      stopped after that batch (``trainer.should_stop``, as ``EarlyStopping(check_finite=True)`` does, but
+      without waiting for the end of the epoch) and the status file says ``"diverged"``.
+    * Progress: ``status_file`` holds the run's state, epoch and step as JSON, rewritten at most every
+      ``interval`` seconds and at every epoch end, so the comparison can show how far the run is.
+    * Hyperparameters: the TensorBoard logger records the model's and data module's hyperparameters plus
+      ``compare/arm`` and ``compare/seed``, with ``metrics`` as the HPARAMS tab's metric columns.
+
+    The compare tool adds it with ``--trainer.callbacks+=lightning_gc.compare.RunMonitor``; it changes neither
+    the model, the data order nor the random state, so the arms of a seed stay identical but for GC.
+
+    Args:
+        status_file: where to write the JSON state; ``None`` writes nothing.
+        loss: the logged metric to check when ``training_step`` returns no loss tensor.
+        arm: the arm's name (``"baseline"`` or ``"gc"``), recorded as the hparam ``compare/arm``.
+        seed: the run's seed, recorded as the hparam ``compare/seed``.
+        metrics: metric names shown as columns of TensorBoard's HPARAMS tab (their last logged values).
+        interval: least seconds between two progress writes.
+
+    Raises:
+        ValueError: if ``interval`` is negative.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[RunMonitor(arm="gc", seed=0)], logger=False)
+    """
+
+    def __init__(
+        self,
+        status_file: Optional[str] = None,
+        loss: str = "train/loss",
+        arm: Optional[str] = None,
+        seed: Optional[int] = None,
+        metrics: Optional[list[str]] = None,
+        interval: float = 0.5,
+    ) -> None:
+        if not (isinstance(interval, (int, float)) and interval >= 0):
+            raise ValueError(f"`interval` must be a number of seconds >= 0, got {interval!r}")
+        self.status_file = status_file
+        self.loss = loss
+        self.arm = arm
+        self.seed = seed
+        self.metrics = list(metrics or [])
+        self.interval = float(interval)
+        self.diverged_at_step: Optional[int] = None
+        self._last_write = -math.inf
+        self._batch_step = 0
+        self._total_steps: Optional[int] = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # This callback logs the hparams itself, once, with the comparison's tags (see `on_fit_start`).
+        if _tensorboard(trainer) is not None:
+            trainer.enable_autolog_hparams = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = _tensorboard(trainer)
+        if logger is not None and trainer.is_global_zero:
+            _log_hparams(logger, self._hparams(trainer, pl_module), self.metrics)
+        self._write(trainer, "running", force=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # On every rank, once the train dataloader is loaded: may load it, which is collective under DDP.
+        total = trainer.estimated_stepping_batches
+        self._total_steps = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
+        self._write(trainer, "running", force=True)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_step = trainer.global_step  # the step this batch's metrics are logged at
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor):
+            loss = trainer.callback_metrics.get(self.loss)
+        non_finite = isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all())
+        # every rank must stop together (a no-op without a process group), as EarlyStopping decides
+        if trainer.strategy.reduce_boolean_decision(non_finite, all=False):
+            # `should_stop` ends the epoch loop after this batch; `min_epochs`/`min_steps` could delay it.
+            trainer.should_stop = True
+            if self.diverged_at_step is None:
+                self.diverged_at_step = self._batch_step
+            self._write(trainer, "diverged", force=True)
+            return
+        self._write(trainer, "running")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, "diverged" if self.diverged_at_step is not None else "running", force=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, "diverged" if self.diverged_at_step is not None else "fit_done", force=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"diverged_at_step": self.diverged_at_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diverged_at_step = state_dict.get("diverged_at_step")
+
+    def _hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if trainer.datamodule is not None and getattr(trainer.datamodule, "_log_hyperparams", True):
+            params.update(trainer.datamodule.hparams_initial)
+        if getattr(pl_module, "_log_hyperparams", True):
+            params.update(pl_module.hparams_initial)
+        params = {k: v for k, v in params.items() if not str(k).startswith("_")}  # LightningCLI's internals
+        params["compare/arm"] = self.arm if self.arm is not None else ""
+        params["compare/seed"] = self.seed if self.seed is not None else -1
+        return params
+
+    def _write(self, trainer: pl.Trainer, state: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.status_file is None or not trainer.is_global_zero or (not force and now - self._last_write < self.interval):
+            return
+        self._last_write = now
+        status = {
+            "state": state,
+            "epoch": trainer.current_epoch,
+            "max_epochs": trainer.max_epochs,
+            "step": trainer.global_step,
+            "total_steps": self._total_steps,
+            "diverged_at_step": self.diverged_at_step,
+        }
+        tmp = f"{self.status_file}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(status, f)
+        os.replace(tmp, self.status_file)
+
+
+def _tensorboard(trainer: pl.Trainer) -> Optional[TensorBoardLogger]:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def _log_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: list[str]) -> None:
+    """Write the HPARAMS summaries without logging made-up metric values (only the metric names are needed)."""
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from torch.utils.tensorboard.summary import hparams
+
+    logger.hparams.update(params)  # hparams.yaml
+    flat = logger._sanitize_params(_flatten_dict(_convert_params(params)))
+    experiment, start, end = hparams(flat, {name: 0.0 for name in metrics or ["hp_metric"]})
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
+    logger.save()

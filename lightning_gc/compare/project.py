@@ -1,0 +1,244 @@
+"""A project to compare: a folder following the template convention, checked before any run starts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ARMS = ("baseline", "gc")
+MODES = ("min", "max")
+_GC_CALLBACK = "GradientCentralization"
+
+
+class ProjectError(ValueError):
+    """The project, a config or an option cannot give a valid comparison; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Project:
+    """A resolved project: where it is and what its configs say.
+
+    Args:
+        root: the project folder (holds ``train.py`` and ``configs/``).
+        name: how the comparison names it: the template name or the folder name.
+        overlays: setting configs applied after each arm's config, absolute paths, in order.
+        metric: the primary validation metric, e.g. ``"val/acc"``.
+        mode: ``"max"`` if higher is better, ``"min"`` if lower is better.
+    """
+
+    root: Path
+    name: str
+    overlays: tuple[Path, ...]
+    metric: str
+    mode: str
+
+    def arm_config(self, arm: str) -> Path:
+        """The config file of ``arm`` (``configs/baseline.yaml`` or ``configs/gc.yaml``)."""
+        return self.root / "configs" / f"{arm}.yaml"
+
+
+def load_project(
+    root: str | os.PathLike,
+    name: Optional[str] = None,
+    configs: Sequence[str] = (),
+    metric: Optional[str] = None,
+    mode: Optional[str] = None,
+) -> Project:
+    """Check a project folder and read the primary metric from its ``ModelCheckpoint``.
+
+    Each arm's effective config is its own file followed by ``configs`` (later files override earlier ones
+    key by key; lists such as ``trainer.callbacks`` are replaced whole, as LightningCLI does).
+
+    Args:
+        root: the project folder.
+        name: the project's name in the summary; defaults to the folder name.
+        configs: setting configs applied after each arm's config, relative to ``root`` (or absolute).
+        metric: overrides the checkpoint's ``monitor``.
+        mode: ``"min"`` or ``"max"``; overrides the checkpoint's ``mode``. Required when ``metric`` is not
+            the checkpoint's monitor.
+
+    Raises:
+        ProjectError: no ``train.py`` or arm config; a setting config that does not exist; the GC config
+            without the ``GradientCentralization`` callback or the baseline with it; a logger that is not a
+            ``TensorBoardLogger``; no metric to compare; an invalid ``mode``.
+
+    Example:
+        >>> load_project("no/such/folder")
+        Traceback (most recent call last):
+        ...
+        lightning_gc.compare.project.ProjectError: PROJECT_DIR 'no/such/folder' is not a folder
+    """
+    folder = Path(root)
+    if not folder.is_dir():
+        raise ProjectError(f"PROJECT_DIR {str(root)!r} is not a folder")
+    folder = folder.resolve()
+    missing = [p for p in ("train.py", "configs/baseline.yaml", "configs/gc.yaml") if not (folder / p).is_file()]
+    if missing:
+        raise ProjectError(
+            f"PROJECT_DIR {str(root)!r} does not follow the template convention: missing {', '.join(missing)}"
+        )
+    if mode is not None and mode not in MODES:
+        raise ProjectError(f"`--mode` must be one of {MODES}, got {mode!r}")
+    overlays = tuple(_find_overlay(folder, c) for c in configs)
+    effective = {arm: _effective_config(folder / "configs" / f"{arm}.yaml", overlays) for arm in ARMS}
+    _check_arms(effective, overlays)
+    checkpoints = {arm: _checkpoint_target(effective[arm]) for arm in ARMS}
+    if checkpoints["baseline"] != checkpoints["gc"]:
+        raise ProjectError(
+            f"the arms' ModelCheckpoint monitor/mode differ (baseline {checkpoints['baseline']}, gc {checkpoints['gc']});"
+            " they must select the best checkpoint the same way"
+        )
+    metric, mode = _primary_metric(checkpoints["gc"], metric, mode)
+    return Project(folder, name or folder.name, overlays, metric, mode)
+
+
+def _find_overlay(root: Path, config: str) -> Path:
+    candidates = [Path(config)] if os.path.isabs(config) else [root / config, Path(config)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    settings = sorted(p.relative_to(root).as_posix() for p in (root / "configs").glob("settings/*.yaml"))
+    raise ProjectError(
+        f"`--config` {config!r} not found in the project ({root}) nor here; settings available: {', '.join(settings) or 'none'}"
+    )
+
+
+def _effective_config(arm_file: Path, overlays: Sequence[Path]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for path in (arm_file, *overlays):
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ProjectError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(content, dict):
+            raise ProjectError(f"{path} must hold a mapping of LightningCLI options, got {type(content).__name__}")
+        merged = _merge(merged, content)
+    return merged
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _class_name(entry: Any) -> str:
+    path = entry.get("class_path", "") if isinstance(entry, dict) else str(entry or "")
+    return str(path).rsplit(".", 1)[-1]
+
+
+def _callbacks(config: dict[str, Any]) -> list[Any]:
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
+def _check_arms(effective: dict[str, dict[str, Any]], overlays: Sequence[Path]) -> None:
+    after = f" (after {', '.join(str(o) for o in overlays)})" if overlays else ""
+    has_gc = {arm: any(_class_name(c) == _GC_CALLBACK for c in _callbacks(cfg)) for arm, cfg in effective.items()}
+    if not has_gc["gc"]:
+        raise ProjectError(
+            f"configs/gc.yaml{after} has no lightning_gc.GradientCentralization in trainer.callbacks:"
+            " the GC arm needs it"
+        )
+    if has_gc["baseline"]:
+        raise ProjectError(
+            f"configs/baseline.yaml{after} has the lightning_gc.GradientCentralization callback:"
+            " the baseline must train without it"
+        )
+    for arm, cfg in effective.items():
+        logger = (cfg.get("trainer") or {}).get("logger")
+        if _class_name(logger) != "TensorBoardLogger":
+            raise ProjectError(
+                f"configs/{arm}.yaml{after}: trainer.logger must be a lightning.pytorch.loggers.TensorBoardLogger in"
+                " class_path/init_args form; the comparison reads its event files"
+            )
+
+
+def _checkpoint_target(config: dict[str, Any]) -> tuple[Optional[str], str]:
+    for callback in _callbacks(config):
+        if _class_name(callback) == "ModelCheckpoint":
+            init = (callback.get("init_args") or {}) if isinstance(callback, dict) else {}
+            return init.get("monitor"), init.get("mode", "min")
+    return None, "min"
+
+
+def _primary_metric(checkpoint: tuple[Optional[str], str], metric: Optional[str], mode: Optional[str]) -> tuple[str, str]:
+    monitor, checkpoint_mode = checkpoint
+    if metric is None:
+        if monitor is None:
+            raise ProjectError(
+                "the configs have no ModelCheckpoint with a `monitor`: pass `--metric` (e.g. val/acc) and `--mode`"
+            )
+        metric = monitor
+    if mode is None:
+        if metric != monitor:
+            raise ProjectError(f"`--metric {metric}` is not the checkpoint's monitor: pass `--mode` (min or max) too")
+        mode = checkpoint_mode
+    if mode not in MODES:
+        raise ProjectError(f"the ModelCheckpoint `mode` must be one of {MODES}, got {mode!r}")
+    return metric, mode
+
+
+def template_names() -> list[str]:
+    """Names of the templates ``lightning-gc new`` can render."""
+    try:
+        from lightning_gc.cli.new import find_templates
+    except ImportError:  # `new` not merged yet: the source tree's templates/ folder
+        root = Path(__file__).resolve().parents[2] / "templates"
+        return sorted(p.parent.name for p in root.glob("*/cookiecutter.json"))
+    try:
+        return list(find_templates())
+    except FileNotFoundError:
+        return []
+
+
+@contextmanager
+def resolve_project_dir(project: str) -> Iterator[tuple[Path, str]]:
+    """Yield ``(folder, name)`` for PROJECT_DIR: the folder itself, or a template rendered into a temp folder.
+
+    The rendered copy is deleted on exit.
+
+    Raises:
+        ProjectError: when ``project`` is neither a folder nor a template name.
+    """
+    if os.path.isdir(project):
+        yield Path(project), Path(project).resolve().name
+        return
+    names = template_names()
+    if project not in names:
+        raise ProjectError(
+            f"PROJECT_DIR {project!r} is neither a folder nor a template name; templates: {', '.join(names) or 'none'}"
+        )
+    with tempfile.TemporaryDirectory(prefix="lightning-gc-compare-") as tmp:
+        yield _render(project, Path(tmp) / project), project
+
+
+def _render(template: str, destination: Path) -> Path:
+    """Render ``template`` into ``destination`` with ``lightning-gc new``'s machinery (cookiecutter if absent)."""
+    try:
+        from lightning_gc.cli.new import render
+    except ImportError:
+        from cookiecutter.main import cookiecutter
+
+        root = Path(__file__).resolve().parents[2] / "templates"
+        out = destination.parent / ".render"
+        config = {"cookiecutters_dir": str(out / "cache"), "replay_dir": str(out / "replay")}
+        rendered = cookiecutter(
+            str(root / template),
+            no_input=True,
+            extra_context={"project_name": template.replace("-", " ")},
+            output_dir=str(out),
+            default_config=config,
+            accept_hooks=False,
+        )
+        os.replace(rendered, destination)
+        return destination
+    return render(template, destination, project_name=template.replace("-", " "))

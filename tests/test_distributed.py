@@ -1,0 +1,82 @@
+"""DDP with 2 CPU processes (gloo): identical on every rank and equal to the single-process reference."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from models import TinyConvNet, TinyModule, loader, make_batches, net_state, reference_sgd, trainer
+from torch import nn
+
+from lightning_gc import GradientCentralization, centralize_gradients
+
+pytestmark = pytest.mark.slow
+
+LR, MOMENTUM = 0.2, 0.9
+
+
+class SaveWeightsPerRank(Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        torch.save(net_state(pl_module), self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def assert_ranks_match_reference(folder: Path, expected: dict) -> None:
+    rank0, rank1 = (torch.load(folder / f"rank{r}.pt") for r in (0, 1))
+    for name, value in expected.items():
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class RankSplitModule(TinyModule):
+    """Rank r trains on batches r, r + 2, ... in order (the distributed sampler would shuffle them)."""
+
+    def __init__(self, batches: list) -> None:
+        super().__init__(lr=LR, momentum=MOMENTUM)
+        self.batches = batches
+
+    def train_dataloader(self):  # noqa: ANN201
+        return loader(self.batches[self.global_rank :: self.trainer.world_size])
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_ddp_matches_single_process_reference_over_the_union_of_batches(tmp_path, strategy):
+    batches = make_batches(8)
+    module = RankSplitModule(batches)
+    initial = net_state(module)
+    trainer(
+        devices=2,
+        strategy=strategy,
+        callbacks=[GradientCentralization(), SaveWeightsPerRank(tmp_path)],
+        accumulate_grad_batches=2,
+        use_distributed_sampler=False,
+    ).fit(module)
+    # DDP averages the two ranks' gradients and accumulation averages 2 micro-batches: 4 batches a step.
+    steps = [[batches[i], batches[i + 1], batches[i + 2], batches[i + 3]] for i in (0, 4)]
+    assert_ranks_match_reference(tmp_path, reference_sgd(initial, steps, lr=LR, momentum=MOMENTUM))
+
+
+def _fabric_worker(fabric, folder: Path, initial: dict, batches: list) -> None:  # noqa: ANN001
+    model = TinyConvNet()
+    model.load_state_dict({k: v.float() for k, v in initial.items()})
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    model, optimizer = fabric.setup(model, optimizer)
+    for x, y in batches[fabric.global_rank :: fabric.world_size]:
+        optimizer.zero_grad()
+        fabric.backward(nn.functional.cross_entropy(model(x), y))
+        centralize_gradients(model)
+        optimizer.step()
+    torch.save(net_state(model.module), folder / f"rank{fabric.global_rank}.pt")
+
+
+def test_fabric_loop_with_centralize_gradients_matches_reference(tmp_path):
+    from lightning.fabric import Fabric
+
+    batches = make_batches(6)
+    initial = net_state(TinyConvNet())
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    fabric.launch(_fabric_worker, tmp_path, initial, batches)
+    steps = [[batches[i], batches[i + 1]] for i in (0, 2, 4)]
+    assert_ranks_match_reference(tmp_path, reference_sgd(initial, steps, lr=LR, momentum=MOMENTUM))
