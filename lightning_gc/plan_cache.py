@@ -1,4 +1,4 @@
-"""Reuse of :class:`~lightning_gc.plan.GCPlan` across calls of :func:`~lightning_gc.centralize_gradients`.
+"""Reuse of plans (:class:`~lightning_gc.plan.GCPlan`, or a sharded one) across :func:`~lightning_gc.centralize_gradients` calls.
 
 Plans are keyed weakly on what owns the parameters (the optimizer if given, else the module), so a cache
 entry lives exactly as long as its model or optimizer, plus the options. Each call recomputes a cheap
@@ -17,9 +17,10 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_gc.config import GCConfig
-from lightning_gc.plan import GCPlan, plan_signature
+from lightning_gc.plan import plan_signature
+from lightning_gc.sharding import AppliesGC
 
-Build = Callable[[], GCPlan]
+Build = Callable[[], AppliesGC]
 
 
 class PlanCache:
@@ -42,7 +43,7 @@ class PlanCache:
         config: GCConfig,
         optimizer: Optimizer | None,
         build: Build,
-    ) -> GCPlan:
+    ) -> AppliesGC:
         """The cached plan for these arguments, or ``build()``'s result, cached when it has an owner."""
         module = model_or_params if isinstance(model_or_params, nn.Module) else None
         owner = optimizer if optimizer is not None else module
