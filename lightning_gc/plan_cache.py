@@ -1,4 +1,4 @@
-"""Reuse of plans (:class:`~lightning_gc.plan.GCPlan`, or a sharded one) across :func:`~lightning_gc.centralize_gradients` calls.
+"""Plans (dense or sharded) reused across calls of :func:`~lightning_gc.centralize_gradients`.
 
 Plans are keyed weakly on what owns the parameters (the optimizer if given, else the module), so a cache
 entry lives exactly as long as its model or optimizer, plus the options. Each call recomputes a cheap
