@@ -95,6 +95,7 @@ class Stack:
     dims: tuple[int, ...]
     numel: int
     per_stack: int
+    serial_per_stack: int
 
 
 class Executor:
@@ -136,7 +137,8 @@ class Executor:
             if len(members) < 2:
                 leftovers.extend(i for i in stack.indices if grads[i] is not None and i not in done)
                 continue
-            centralize_stacked_(members, stack.dims, stack.per_stack, removed)
+            serial = members[0].device.type == "cpu" and torch.get_num_threads() > 1  # see SERIAL_ELEMENTS
+            centralize_stacked_(members, stack.dims, stack.serial_per_stack if serial else stack.per_stack, removed)
         scratch = None
         for i in self.singles + leftovers:
             grad = grads[i]
@@ -177,9 +179,11 @@ def _stacks(units: list[Unit], budget_bytes: int) -> list[Stack]:
             keyed.setdefault((u.param.shape, u.param.dtype, u.param.device, u.dims), []).append(index)
     stacks = []
     for (_, dtype, _, dims), indices in keyed.items():
-        per_stack = stack_size(units[indices[0]].numel, dtype, budget_bytes)
-        if len(indices) >= 2 and per_stack >= 2:
-            stacks.append(Stack(indices, dims, units[indices[0]].numel, per_stack))
+        numel = units[indices[0]].numel
+        per_stack = stack_size(numel, dtype, budget_bytes)
+        serial_per_stack = stack_size(numel, dtype, budget_bytes, serial=True)
+        if len(indices) >= 2 and serial_per_stack >= 2:
+            stacks.append(Stack(indices, dims, numel, per_stack, serial_per_stack))
     return stacks
 
 

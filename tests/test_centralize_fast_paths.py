@@ -216,6 +216,25 @@ def test_plan_routes_match_reference(dtype, mode, channels_last):
         assert stats.tensors == 9  # 6 of 7 small layers, big, conv, up
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stacks_below_the_parallel_grain_with_several_threads(dtype):
+    # 64x64 weights beside 8M other entries: the 1% budget allows 8+ per stack, the grain only 7
+    model = nn.Sequential(*(nn.Linear(64, 64, bias=False) for _ in range(12)), nn.Linear(4096, 2048, bias=False))
+    model.to(dtype)
+    plan = GCPlan.for_module(model, Selector(), "channel")
+    (stack,) = plan._executor.stacks
+    assert stack.serial_per_stack == 7 < stack.per_stack
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fill_grads(model, seed=6)
+        expected = expected_after_gc(model)
+        plan.apply()
+    finally:
+        torch.set_num_threads(threads)
+    check(model, expected)
+
+
 def test_stack_with_one_live_gradient_falls_back_to_the_single_route():
     model = MixedNet(torch.float32, small=2)
     plan = GCPlan.for_module(model, Selector(), "channel")
