@@ -21,7 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _subcommands() -> list:
     """Each subcommand module exposes ``register(subparsers)`` setting ``run`` as the parser's default."""
-    return []
+    from lightning_gc.cli import new
+
+    return [new]
 
 
 if __name__ == "__main__":
