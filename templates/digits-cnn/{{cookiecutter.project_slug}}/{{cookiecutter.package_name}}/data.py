@@ -118,7 +118,7 @@ def split_indices(n: int, held_out: tuple[int, ...], seed: int) -> list[np.ndarr
 
     Example:
         >>> [part.tolist() for part in split_indices(5, (1, 2), seed=0)]
-        [[2, 0], [1], [3, 4]]
+        [[2, 4], [3], [0, 1]]
     """
     if sum(held_out) >= n:
         raise ValueError(f"held-out sizes {held_out} leave no training data out of {n} digits")

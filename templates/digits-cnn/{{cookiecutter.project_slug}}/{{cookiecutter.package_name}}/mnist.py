@@ -70,19 +70,20 @@ def load_mnist_5k(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np
 def download_mnist(
     data_dir: str | os.PathLike,
     mirrors: Sequence[str] = MNIST_MIRRORS,
-    files: Mapping[str, str] = MNIST_FILES,
+    files: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Fetch the four IDX files into ``data_dir``, each checked against its md5; valid files are kept.
 
     Args:
         data_dir: folder to write into.
         mirrors: base URLs tried in order for each file.
-        files: file name to expected md5.
+        files: file name to expected md5 (default :data:`MNIST_FILES`, the published ones).
 
     Raises:
         lightning_gc.data.DownloadError: when no mirror delivered a file intact (the message names the
             offline source ``mnist-5k``).
     """
+    files = MNIST_FILES if files is None else files
     return {
         name: download([mirror.rstrip("/") + "/" + name for mirror in mirrors], Path(data_dir) / name, md5,
                        offline_hint=OFFLINE_HINT)
