@@ -153,8 +153,8 @@ def render(template_name: str, destination: str | os.PathLike, project_name: str
             name is not a valid, non-shadowing Python package name.
 
     Example:
-        >>> render("digits-cnn", "my-digits", "My Digits")  # doctest: +SKIP
-        PosixPath('my-digits')
+        ``render("digits-cnn", "my-digits", "My Digits")`` creates ``./my-digits`` holding the package
+        ``my_digits``, as ``lightning-gc new digits-cnn my-digits --name "My Digits"`` does.
     """
     templates = find_templates()
     if template_name not in templates:

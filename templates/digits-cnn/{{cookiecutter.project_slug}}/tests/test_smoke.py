@@ -21,7 +21,6 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 def _in_project(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(PROJECT)  # the configs use paths relative to the project
     monkeypatch.setattr(sys, "argv", ["train.py"])  # pytest's own arguments are not the CLI's
-    torch.set_num_threads(1)
 
 
 def _row_means(model: torch.nn.Module) -> list[float]:
