@@ -6,8 +6,8 @@ import functools
 import hashlib
 import http.server
 import io
-import tarfile
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +33,11 @@ IMDB_REVIEWS = {
     "test/neg/1_2.txt": "Dull.",
 }
 # Files of the real archive that the reader must ignore.
-IMDB_EXTRAS = {"imdb.vocab": "the\nand\n", "README": "Large Movie Review Dataset v1.0\n", "train/unsup/0_0.txt": "Unlabelled."}
+IMDB_EXTRAS = {
+    "imdb.vocab": "the\nand\n",
+    "README": "Large Movie Review Dataset v1.0\n",
+    "train/unsup/0_0.txt": "Unlabelled.",
+}
 
 
 def add_file(tar: tarfile.TarFile, name: str, text: str) -> None:
@@ -102,4 +106,3 @@ def in_project(monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
     torch.set_num_threads(1)  # the tests' models are tiny; CI machines are small and shared
-

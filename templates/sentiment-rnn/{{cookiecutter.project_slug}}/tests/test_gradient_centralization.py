@@ -28,7 +28,9 @@ class GradientProbe(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.grads:
-            self.grads = {n: p.grad.detach().double().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            self.grads = {
+                n: p.grad.detach().double().clone() for n, p in pl_module.named_parameters() if p.grad is not None
+            }
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,13 @@ def one_step(
     pl.seed_everything(0)
     before, after = GradientProbe(), GradientProbe()
     trainer = pl.Trainer(
-        max_steps=1, limit_val_batches=0, callbacks=[before, gc, after], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=1,
+        limit_val_batches=0,
+        callbacks=[before, gc, after],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     model = SentimentRNN(cell=cell, embedding_dim=16, hidden_size=8, dropout=0.0)
     trainer.fit(model, datamodule=datamodule)
@@ -66,9 +73,13 @@ def test_default_centralizes_recurrent_and_linear_weights_only(cell: str, datamo
 def test_commented_config_line_brings_the_embedding_in(in_project, datamodule) -> None:
     text = (in_project / "configs" / "gc.yaml").read_text()
     assert "#   exclude_modules: []" in text
-    enabled = text.replace("        exclude_modules: [Embedding, EmbeddingBag]\n", "").replace("#   exclude_modules: []", "exclude_modules: []")
+    enabled = text.replace("        exclude_modules: [Embedding, EmbeddingBag]\n", "").replace(
+        "#   exclude_modules: []", "exclude_modules: []"
+    )
     init_args = yaml.safe_load(enabled)["trainer"]["callbacks"][-1]["init_args"]
     assert init_args["exclude_modules"] == []
     before, after = one_step(GradientCentralization(**init_args), "lstm", datamodule)
     grad = before["net.embedding.weight"]
-    torch.testing.assert_close(after["net.embedding.weight"], grad - grad.mean(dim=1, keepdim=True), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        after["net.embedding.weight"], grad - grad.mean(dim=1, keepdim=True), rtol=1e-5, atol=1e-7
+    )

@@ -21,13 +21,17 @@ def serve_archive(http_root: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, 
 
 
 def prepared(data_dir: Path, url: str) -> SentimentDataModule:
-    dm = SentimentDataModule(source="imdb", data_dir=str(data_dir), imdb_urls=[url], batch_size=4, min_freq=2, val_fraction=0.25)
+    dm = SentimentDataModule(
+        source="imdb", data_dir=str(data_dir), imdb_urls=[url], batch_size=4, min_freq=2, val_fraction=0.25
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
-def test_good_archive_is_downloaded_extracted_read_and_cached(http_root, monkeypatch, tmp_path, closed_port_url) -> None:
+def test_good_archive_is_downloaded_extracted_read_and_cached(
+    http_root, monkeypatch, tmp_path, closed_port_url
+) -> None:
     url = serve_archive(http_root, monkeypatch)
     data_dir = tmp_path / "data"
     dm = prepared(data_dir, url)
@@ -75,13 +79,18 @@ def test_corrupt_archive_is_refused_and_not_kept(http_root, monkeypatch, tmp_pat
         ({"symlink": "aclImdb/train/pos/9_9.txt"}, "not a regular file"),
     ],
 )
-def test_unsafe_archive_is_refused_before_anything_is_written(http_root, monkeypatch, tmp_path, archive, reason) -> None:
+def test_unsafe_archive_is_refused_before_anything_is_written(
+    http_root, monkeypatch, tmp_path, archive, reason
+) -> None:
     url = serve_archive(http_root, monkeypatch, **archive)
     data_dir = tmp_path / "deep" / "data"
     with pytest.raises(UnsafeArchiveError, match=reason):
         prepared(data_dir, url)
     assert not (data_dir / imdb.ROOT).exists()
-    assert not (tmp_path / "deep" / "escaped.txt").exists() and not Path("/tmp/sentiment-rnn-test-absolute-escape.txt").exists()
+    assert (
+        not (tmp_path / "deep" / "escaped.txt").exists()
+        and not Path("/tmp/sentiment-rnn-test-absolute-escape.txt").exists()
+    )
     assert not list(data_dir.glob("imdb-prepared-*.pt"))
 
 

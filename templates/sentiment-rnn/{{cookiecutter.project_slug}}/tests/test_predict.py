@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT
 
 import train
-from conftest import PROJECT
 from {{ cookiecutter.package_name }}.model import ENCODER_KEY, SentimentRNN
 
 REVIEWS = [
@@ -35,12 +35,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(PROJECT)
         patch.setattr(sys, "argv", ["train.py"])
-        cli = train.main([
-            "fit", "--config", "configs/gc.yaml", "--seed_everything", "3", "--trainer.max_steps", "40",
-            "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "5", "--trainer.limit_test_batches", "5",
-            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out / "gc"),
-            "--trainer.logger.init_args.name", "", "--trainer.logger.init_args.version", "seed_3",
-        ])
+        args = (
+            "fit --config configs/gc.yaml --seed_everything 3 --trainer.max_steps 40 --trainer.val_check_interval 20"
+            " --trainer.limit_val_batches 5 --trainer.limit_test_batches 5 --trainer.enable_progress_bar false"
+            " --trainer.logger.init_args.version seed_3"
+        ).split()
+        args += ["--trainer.logger.init_args.save_dir", str(out / "gc"), "--trainer.logger.init_args.name", ""]
+        cli = train.main(args)
     return cli, out / "gc" / "seed_3"
 
 

@@ -35,7 +35,7 @@ def test_non_ascii_letters_accents_and_symbols() -> None:
 def test_imdb_line_breaks_entities_and_typographic_quotes() -> None:
     assert tokenize("Great.<br /><br />Really<BR/>great<br>fun") == ["great", ".", "really", "great", "fun"]
     assert tokenize("Tom &amp; Jerry") == ["tom", "&", "jerry"]
-    assert tokenize("don’t “love” it") == tokenize("don't \"love\" it") == ["don't", '"', "love", '"', "it"]
+    assert tokenize("don’t “love” it") == tokenize('don\'t "love" it') == ["don't", '"', "love", '"', "it"]
 
 
 def test_words_keep_inner_apostrophes_and_split_on_hyphens() -> None:

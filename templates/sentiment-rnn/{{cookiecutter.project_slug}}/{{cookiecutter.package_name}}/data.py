@@ -116,7 +116,9 @@ class SentimentDataModule(pl.LightningDataModule):
             self.predict_texts = self._read_predict_file()
         elif not self.splits:
             if self.source == "rotten_tomatoes":
-                train, val, test = split(load_rotten_tomatoes(), (self.val_fraction, self.test_fraction), self.split_seed)
+                train, val, test = split(
+                    load_rotten_tomatoes(), (self.val_fraction, self.test_fraction), self.split_seed
+                )
                 self.encoder, self.splits = self._encode({"train": train, "val": val, "test": test})
             else:
                 self.encoder, self.splits = load_prepared(self.imdb_cache_path, self.max_length)
@@ -156,7 +158,9 @@ class SentimentDataModule(pl.LightningDataModule):
         sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         # Evaluation sorts the whole split at once: minimal padding, and the order does not matter.
         pool = 50 if shuffle else max(1, -(-len(dataset) // self.batch_size))
-        batches = BucketBatchSampler(sampler, self.batch_size, False, dataset.lengths, pool_batches=pool, shuffle=shuffle)
+        batches = BucketBatchSampler(
+            sampler, self.batch_size, False, dataset.lengths, pool_batches=pool, shuffle=shuffle
+        )
         return DataLoader(
             dataset,
             batch_sampler=batches,
@@ -167,7 +171,9 @@ class SentimentDataModule(pl.LightningDataModule):
 
     def _read_predict_file(self) -> list[str]:
         if self.predict_file is None:
-            raise ValueError("`predict_file` is needed to predict: --data.predict_file reviews.txt (one review per line)")
+            raise ValueError(
+                "`predict_file` is needed to predict: --data.predict_file reviews.txt (one review per line)"
+            )
         path = Path(self.predict_file)
         if not path.is_file():
             raise ValueError(f"`predict_file` {str(path)!r} is not a file")

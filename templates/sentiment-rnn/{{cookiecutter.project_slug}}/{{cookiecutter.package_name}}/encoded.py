@@ -30,13 +30,17 @@ class EncodedSplit(Dataset):
         max_length: keep the first ``max_length`` ids of longer reviews; ``None`` keeps all.
     """
 
-    def __init__(self, ids: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, max_length: Optional[int] = None):
+    def __init__(
+        self, ids: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, max_length: Optional[int] = None
+    ):
         if offsets.numel() != labels.numel() + 1 or int(offsets[-1]) != ids.numel():
             raise ValueError("`offsets` must hold len(labels) + 1 positions, the last one len(ids)")
         self.ids, self.offsets, self.labels, self.max_length = ids, offsets, labels, max_length
 
     @classmethod
-    def from_ids(cls, ids: Sequence[Sequence[int]], labels: Sequence[int], max_length: Optional[int] = None) -> EncodedSplit:
+    def from_ids(
+        cls, ids: Sequence[Sequence[int]], labels: Sequence[int], max_length: Optional[int] = None
+    ) -> EncodedSplit:
         """Pack per-review id lists."""
         lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
         offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)

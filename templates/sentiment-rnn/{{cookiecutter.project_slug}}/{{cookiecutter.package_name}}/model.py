@@ -98,7 +98,13 @@ class SentimentRNN(pl.LightningModule):
             return
         hp = self.hparams
         self.net = RNNClassifier(
-            len(encoder.vocabulary), hp.embedding_dim, hp.hidden_size, hp.num_layers, hp.bidirectional, hp.dropout, hp.cell
+            len(encoder.vocabulary),
+            hp.embedding_dim,
+            hp.hidden_size,
+            hp.num_layers,
+            hp.bidirectional,
+            hp.dropout,
+            hp.cell,
         ).to(self.device)
         self.encoder = encoder
 
@@ -162,7 +168,9 @@ class SentimentRNN(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs after the callbacks' hook: in the GC arm this is the norm of the centralized gradient.
-        norms = [p.grad.detach().norm() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms = [
+            p.grad.detach().norm() for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
 
@@ -173,7 +181,8 @@ class SentimentRNN(pl.LightningModule):
         logits = self(batch.ids, batch.lengths)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         metrics.update(torch.sigmoid(logits), batch.labels.long())
-        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(batch))
+        # The torchmetrics objects synchronize across DDP ranks by themselves; a plain loss tensor needs sync_dist.
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(batch), sync_dist=True)
         self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val", batch_size=len(batch))
 
     def _require_encoder(self) -> TextEncoder:

@@ -42,7 +42,13 @@ class PrintPredictions(Callback):
         self.lines = []
 
     def on_predict_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         probabilities = outputs["probabilities"].tolist()
         self.lines.extend(format_prediction(text, p) for text, p in zip(outputs["texts"], probabilities))

@@ -61,7 +61,9 @@ class Vocabulary:
         counts: Counter[str] = Counter()
         for tokens in tokenized_texts:
             counts.update(tokens)
-        kept = sorted((t for t, c in counts.items() if c >= min_freq and t not in (PAD, UNK)), key=lambda t: (-counts[t], t))
+        kept = sorted(
+            (t for t, c in counts.items() if c >= min_freq and t not in (PAD, UNK)), key=lambda t: (-counts[t], t)
+        )
         return cls([PAD, UNK, *kept[:max_size]])
 
     def encode(self, tokens: Iterable[str]) -> list[int]:
