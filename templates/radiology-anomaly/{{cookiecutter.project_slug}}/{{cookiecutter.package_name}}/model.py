@@ -243,7 +243,8 @@ class AnomalyDetector(pl.LightningModule):
         if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
             precision, recall, _ = binary_precision_recall_curve(scores, labels)
             chosen = (float(values["precision"]), float(values["recall"]))
-            title = f"{stage}, epoch {self.current_epoch}"
+            # After fit, the trainer's epoch counter is past the last epoch, not that of the tested checkpoint.
+            title = f"val, epoch {self.current_epoch}" if stage == "val" else "test"
             writer = logger.experiment
             writer.add_figure(f"{stage}/pr_curve", pr_curve_figure(precision, recall, chosen, title), self.global_step)
             if examples is not None and len(examples["images"]):
