@@ -35,7 +35,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
     """Run the command line (``args`` instead of ``sys.argv`` when given); returns the finished CLI."""
     if "OMP_NUM_THREADS" not in os.environ:
         # These networks are small: intra-op threads gain little and spin-wait badly on busy cores (measured
-        # on a loaded 2-core machine: the classifier's 12 epochs took 190 CPU-s with 2 threads, ~55 with 1).
+        # on a loaded 2-core machine: the classifier's 12 epochs took 192 CPU-s with 2 threads, 45 with 1).
         # Set OMP_NUM_THREADS to choose another number.
         torch.set_num_threads(1)
     cli = AnomalyCLI(AnomalyDetector, RadiologyDataModule, args=args, save_config_kwargs={"overwrite": True})
