@@ -6,10 +6,36 @@ Example:
     >>> trainer = Trainer(callbacks=[GradientCentralization()], logger=False)
 """
 
-from lightning_gc.callback import GradientCentralization
-from lightning_gc.diagnostics import GCStats
-from lightning_gc.functional import centralize_gradients
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
+from __future__ import annotations
 
-__all__ = ["GCStats", "GradientCentralization", "UnsupportedGradientLayoutError", "centralize_gradients"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_gc.callback import GradientCentralization
+    from lightning_gc.diagnostics import GCStats
+    from lightning_gc.functional import centralize_gradients
+    from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
+
+# Imported on first use (PEP 562): the `lightning-gc` command (e.g. `new --list`) then starts without
+# importing torch and Lightning, which takes seconds.
+_EXPORTS = {
+    "GCStats": "lightning_gc.diagnostics",
+    "GradientCentralization": "lightning_gc.callback",
+    "UnsupportedGradientLayoutError": "lightning_gc.sharding.guard",
+    "centralize_gradients": "lightning_gc.functional",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_gc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

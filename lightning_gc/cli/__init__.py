@@ -26,9 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _subcommands() -> list:
     """Each subcommand module exposes ``register(subparsers)`` setting ``run`` as the parser's default."""
-    from lightning_gc.cli import compare
+    from lightning_gc.cli import compare, new
 
-    return [compare]
+    return [new, compare]
 
 
 if __name__ == "__main__":
