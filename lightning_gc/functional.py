@@ -12,6 +12,7 @@ from lightning_gc.centralize import Mode
 from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.plan import GCPlan
+from lightning_gc.plan_cache import PlanCache
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec
 from lightning_gc.sharding import AppliesGC
 from lightning_gc.sharding.dtensor import DTensorPlan, has_dtensors
@@ -30,6 +31,9 @@ def centralize_gradients(
     compute_stats: bool = False,
 ) -> GCStats:
     """Centralize gradients in place: call it after ``backward()`` and before ``optimizer.step()``.
+
+    The plan (which tensors, along which dims) is cached per model or optimizer and options, and rebuilt
+    when their parameters change; pass the model rather than ``model.parameters()`` to benefit from it.
 
     Given a module, module types are known: ``conv_only``, the embedding exclusion (``exclude_modules``) and
     transposed convolutions (centralized per output channel, dim 1) work as in the callback. Given an
@@ -69,7 +73,9 @@ def centralize_gradients(
     )
     if centralize_weight_decay and optimizer is None:
         raise ValueError("`centralize_weight_decay=True` needs `optimizer=`: the decay is read from its param groups")
-    plan = build_plan(model_or_params, config, optimizer)
+    if not isinstance(model_or_params, nn.Module):
+        model_or_params = list(model_or_params)  # read twice: for the cache signature and for planning
+    plan = _PLANS.get(model_or_params, config, optimizer, lambda: build_plan(model_or_params, config, optimizer))
     return plan.apply(compute_stats=compute_stats)
 
 
@@ -120,6 +126,9 @@ def _refuse_flattened(params: list[nn.Parameter]) -> None:
             "centralize_gradients got parameters flattened by FSDP: their gradients are 1-D shards. Pass the"
             " FSDP-wrapped module (with `optimizer=` to restrict to its parameters) so the shards can be mapped back."
         )
+
+
+_PLANS = PlanCache()
 
 
 def _warn(message: str) -> None:

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_gc.centralize import Mode, row_mean
+from lightning_gc.centralize import Mode
 from lightning_gc.diagnostics import GCStats
+from lightning_gc.executor import Executor, Unit, unit_of
 from lightning_gc.selection import Selector, Target
 from lightning_gc.sharding.guard import check_dense_gradient
 from lightning_gc.weight_decay import DecayKind, compensation, decay_kind
@@ -31,6 +32,8 @@ class GCPlan:
     """The gradients GC touches for one optimizer (or one set of parameters), and how.
 
     Build it with :meth:`for_optimizer` or :meth:`for_params`; call :meth:`apply` after every backward.
+    Everything that does not depend on the gradients' values is decided here, once: the dims to average
+    over, the memory budget, and which small gradients of equal shape are stacked together.
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -41,12 +44,22 @@ class GCPlan:
         True
     """
 
-    def __init__(self, targets: list[PlannedTarget], mode: Mode, warn: Warn, strategy_name: str = "") -> None:
+    def __init__(
+        self,
+        targets: list[PlannedTarget],
+        mode: Mode,
+        warn: Warn,
+        strategy_name: str = "",
+        compile: bool | str = False,
+    ) -> None:
         self.targets = targets
         self.mode = mode
         self._warn = warn
         self._strategy_name = strategy_name
         self._sparse_warned = False
+        self._params = [planned.target.param for planned in targets]
+        self._shapes = [param.shape for param in self._params]
+        self._executor = Executor([_unit(planned, mode) for planned in targets], compile=compile, warn=warn)
 
     @classmethod
     def for_optimizer(
@@ -59,10 +72,12 @@ class GCPlan:
         warn: Warn = print,
         strategy_name: str = "",
         only: set[int] | None = None,
+        compile: bool | str = False,
     ) -> GCPlan:
         """Plan for the parameters in ``optimizer.param_groups`` (owners looked up in ``module`` if given).
 
-        ``only`` restricts the plan to parameters with these ``id``s.
+        ``only`` restricts the plan to parameters with these ``id``s. ``compile`` tries the
+        ``torch.compile`` route first (:mod:`lightning_gc.compiled`): ``True`` for Inductor, or a backend name.
         """
         planned: list[PlannedTarget] = []
         for group in optimizer.param_groups:
@@ -71,62 +86,74 @@ class GCPlan:
             decay = _decay_for_group(optimizer, group, warn) if centralize_weight_decay and targets else 0.0
             planned.extend(PlannedTarget(t, decay) for t in targets)
         _warn_about_selection(selector, planned, f"{type(optimizer).__name__} optimizer", warn)
-        return cls(planned, mode, warn, strategy_name)
+        return cls(planned, mode, warn, strategy_name, compile=compile)
 
     @classmethod
-    def for_module(cls, module: nn.Module, selector: Selector, mode: Mode, warn: Warn = print) -> GCPlan:
+    def for_module(
+        cls, module: nn.Module, selector: Selector, mode: Mode, warn: Warn = print, compile: bool | str = False
+    ) -> GCPlan:
         """Plan for all parameters of ``module``, with module types known."""
         planned = [PlannedTarget(t) for t in selector.select_from_module(module)]
         _warn_about_selection(selector, planned, type(module).__name__, warn)
-        return cls(planned, mode, warn)
+        return cls(planned, mode, warn, compile=compile)
 
     @classmethod
     def for_params(
-        cls, params: Iterable[nn.Parameter], selector: Selector, mode: Mode, warn: Warn = print
+        cls,
+        params: Iterable[nn.Parameter],
+        selector: Selector,
+        mode: Mode,
+        warn: Warn = print,
+        compile: bool | str = False,
     ) -> GCPlan:
         """Plan for bare parameters: only the dimension rule and ``exclude`` patterns apply."""
         planned = [PlannedTarget(t) for t in selector.select_from_params(params)]
         _warn_about_selection(selector, planned, "given parameters", warn)
-        return cls(planned, mode, warn)
+        return cls(planned, mode, warn, compile=compile)
 
     def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats:
         """Centralize every planned gradient in place; skip those whose ``.grad`` is None.
+
+        Gradients are read afresh on every call (``zero_grad(set_to_none=True)`` makes new tensors); only
+        their expected layout is planned.
 
         Args:
             compute_stats: also measure the gradient norm and what GC removed (one extra read pass).
             grad_scale: the loss scale the gradients still carry (fused optimizers unscale themselves);
                 stats are reported unscaled and the weight-decay compensation is scaled to match.
         """
-        live = self._live_gradients()
-        stats = GCStats(tensors=len(live), elements=sum(g.numel() for _, g in live))
-        if compute_stats and live:
-            stats.grad_sq = _sum_of_squares([g for _, g in live]) / grad_scale**2
-        removed: list[Tensor] = []
-        for planned, grad in live:
-            layout = planned.target.layout
-            mean = row_mean(grad, layout, self.mode)
-            if compute_stats:
-                removed.append(mean.square().sum() * (grad.numel() // mean.numel()))
-            if planned.decay:
-                weight_mean = row_mean(planned.target.param.detach(), layout, self.mode)
-                mean = mean + (planned.decay * grad_scale) * weight_mean
-            layout.view(grad).sub_(mean)
-        if compute_stats and live:
+        grads = self._checked_gradients()
+        live = [g for g in grads if g is not None]
+        stats = GCStats(tensors=len(live), elements=sum(map(Tensor.numel, live)))
+        if not live:
+            return stats
+        removed: list[Tensor] | None = [] if compute_stats else None
+        if compute_stats:
+            stats.grad_sq = _sum_of_squares(live) / grad_scale**2
+        self._executor.run(grads, grad_scale, removed)
+        if removed is not None:
             stats.removed_sq = torch.stack([r.float() for r in removed]).sum() / grad_scale**2
         return stats
 
-    def _live_gradients(self) -> list[tuple[PlannedTarget, Tensor]]:
-        live = []
-        for planned in self.targets:
-            grad = planned.target.param.grad
+    def _checked_gradients(self) -> list[Tensor | None]:
+        """The ``.grad`` of every target, ``None`` for missing and sparse ones; raises for sharded ones."""
+        grads: list[Tensor | None] = [param.grad for param in self._params]
+        unusual = [  # one comprehension: this runs every step over every target
+            i
+            for i, (grad, shape) in enumerate(zip(grads, self._shapes))
+            if grad is None or type(grad) is not Tensor or grad.is_sparse or grad.shape != shape
+        ]
+        for index in unusual:
+            grad = grads[index]
             if grad is None:
                 continue
+            target = self.targets[index].target
             if grad.is_sparse:
-                self._warn_sparse(planned.target)
+                self._warn_sparse(target)
+                grads[index] = None
                 continue
-            check_dense_gradient(planned.target, grad, self._strategy_name)
-            live.append((planned, grad))
-        return live
+            check_dense_gradient(target, grad, self._strategy_name)
+        return grads
 
     def _warn_sparse(self, target: Target) -> None:
         if not self._sparse_warned:
@@ -135,6 +162,12 @@ class GCPlan:
                 f"GradientCentralization skips sparse gradients (first seen: `{target.name}`, e.g. from"
                 " `nn.Embedding(sparse=True)`): GC needs every entry of a row. Exclude the parameter to silence this."
             )
+
+
+def _unit(planned: PlannedTarget, mode: Mode) -> Unit:
+    param, layout = planned.target.param, planned.target.layout
+    dims = layout.reduce_dims(param.ndim, mode)
+    return unit_of(param, layout.view, layout.groups, planned.decay, dims, layout.unit_dim(mode))
 
 
 def plan_signature(optimizer: Optimizer) -> Hashable:

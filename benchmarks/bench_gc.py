@@ -1,0 +1,255 @@
+"""Benchmark Gradient Centralization against the memory-bandwidth floor and the official per-tensor loop.
+
+Run ``make bench`` (or ``python benchmarks/bench_gc.py --help``). For parameter sets shaped like ResNet-50,
+GPT-2 small and 2,000 tensors of 64x64, in float32 and bfloat16, it reports the time of
+``lightning_gc.centralize_gradients`` as a ratio to
+
+- the floor, one read+write pass over the same gradients: ``torch._foreach_mul_(grads, 1.0)``;
+- the official per-tensor loop of the paper's code: ``g.add_(-g.mean(dim=dims, keepdim=True))``;
+
+all timed in this process, interleaved, medians. It also reports the peak extra memory GC allocates as a
+fraction of the gradient bytes, and the callback's share of real training steps from Lightning's profiler.
+On CUDA it also counts kernel launches per call and compares with a device-to-device copy of the gradients.
+Results: a table on stdout and JSON (default ``benchmarks/results/bench_gc.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import Clock, interleaved_medians, kernel_launches, peak_extra_bytes  # noqa: E402
+from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes  # noqa: E402
+
+from lightning_gc import centralize_gradients  # noqa: E402
+from lightning_gc.plan import GCPlan  # noqa: E402
+from lightning_gc.selection import Selector  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_gc.json"
+
+
+def official_loop(grads: list[torch.Tensor]) -> None:
+    """The per-tensor loop of the paper's code (Yong et al., ``centralized_gradient``)."""
+    for g in grads:
+        g.add_(-g.mean(dim=tuple(range(1, g.ndim)), keepdim=True))
+
+
+def bench_param_set(
+    name: str, shapes: list, dtype: torch.dtype, device: torch.device, rounds: int, compile: bool
+) -> dict[str, Any]:
+    model = ParameterSet(shapes, dtype, device)
+    grads = model.centralized_grads()
+    variants = {
+        "floor": lambda: torch._foreach_mul_(grads, 1.0),
+        "official": lambda: official_loop(grads),
+        "lightning_gc": lambda: centralize_gradients(model),
+    }
+    compile_s = None
+    if compile:
+        compiled = GCPlan.for_module(model, Selector(), "channel", compile=True)
+        started = time.perf_counter()
+        compiled.apply()  # compiles
+        compile_s = time.perf_counter() - started
+        if compiled._executor.compiled.unavailable:  # the warning said why; time the eager fallback anyway
+            compile_s = None
+        variants["compiled"] = compiled.apply
+    if device.type == "cuda":
+        copies = [torch.empty_like(g) for g in grads]
+        variants["d2d_copy"] = lambda: torch._foreach_copy_(copies, grads)
+    clock = Clock(device)
+    times = interleaved_medians(variants, clock, rounds)
+    grad_bytes = model.grad_bytes()
+    ours, floor, official = (times[k]["median_s"] for k in ("lightning_gc", "floor", "official"))
+    row: dict[str, Any] = {
+        "set": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tensors": len(shapes),
+        "centralized_tensors": len(grads),
+        "parameters": count_parameters(shapes),
+        "grad_mib": grad_bytes / 2**20,
+        "clock": clock.name,
+        "times": times,
+        "ours_over_floor": ours / floor,
+        "official_over_floor": official / floor,
+        "ours_over_official": ours / official,
+        "wall_ours_over_floor": times["lightning_gc"]["wall_median_s"] / times["floor"]["wall_median_s"],
+        "peak_extra_fraction": peak_extra_bytes(lambda: centralize_gradients(model), device) / grad_bytes,
+        "official_peak_extra_fraction": peak_extra_bytes(lambda: official_loop(grads), device) / grad_bytes,
+    }
+    if compile:
+        row["compile_s"] = compile_s
+        row["compiled_over_floor"] = times["compiled"]["median_s"] / floor
+        row["compiled_over_official"] = times["compiled"]["median_s"] / official
+        row["compiled_peak_extra_fraction"] = peak_extra_bytes(variants["compiled"], device) / grad_bytes
+        if device.type == "cuda":
+            row["compiled_over_d2d_copy"] = times["compiled"]["median_s"] / times["d2d_copy"]["median_s"]
+            row["compiled_kernel_launches"] = kernel_launches(variants["compiled"])
+    if device.type == "cuda":
+        row["ours_over_d2d_copy"] = ours / times["d2d_copy"]["median_s"]
+        row["kernel_launches"] = kernel_launches(lambda: centralize_gradients(model))
+        row["official_kernel_launches"] = kernel_launches(lambda: official_loop(grads))
+    return row
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import lightning
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_type": device.type,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1m_at_start": os.getloadavg()[0],
+    }
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    load = f"{env['load_average_1m_at_start']:.1f} at start, {env['load_average_1m_at_end']:.1f} at end"
+    lines = [
+        f"device: {env['device']} ({env['device_type']}), {env['cpu_count']} CPUs,"
+        f" torch threads {env['torch_threads']}, torch {env['torch']}, lightning {env['lightning']},"
+        f" python {env['python']}; 1-min load average {load}",
+        f"clock: {result['rows'][0]['clock'] if result['rows'] else '-'};"
+        f" medians of {result['rounds']} interleaved rounds",
+        "",
+    ]
+    cuda = env["device_type"] == "cuda"
+    header = "| set | dtype | tensors (GC'd) | grad MiB | floor ms |"
+    header += " ours / floor | official / floor | ours / official | peak extra (ours) | peak extra (official) |"
+    header += " ours / d2d copy | launches (ours / official) |" if cuda else ""
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in result["rows"]:
+        cells = [
+            r["set"], r["dtype"], f"{r['tensors']} ({r['centralized_tensors']})", f"{r['grad_mib']:.1f}",
+            f"{1e3 * r['times']['floor']['median_s']:.2f}", f"{r['ours_over_floor']:.2f}x",
+            f"{r['official_over_floor']:.2f}x", f"{r['ours_over_official']:.2f}x",
+            f"{100 * r['peak_extra_fraction']:.2f}%", f"{100 * r['official_peak_extra_fraction']:.1f}%",
+        ]  # fmt: skip
+        if cuda:
+            cells += [f"{r['ours_over_d2d_copy']:.2f}x", f"{r['kernel_launches']} / {r['official_kernel_launches']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    compiled = [r for r in result["rows"] if "compiled_over_floor" in r]
+    if compiled:
+        lines += [
+            "",
+            "Opt-in compiled route (`GCPlan(..., compile=True)`, Inductor), same process and rounds:",
+            "",
+            "| set | dtype | compile s (first call) | compiled / floor | compiled / official | peak extra |"
+            + (" compiled / d2d copy | launches |" if cuda else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if cuda else ""),
+        ]
+        for r in compiled:
+            seconds = "unavailable (eager fallback)" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
+            cells = [
+                r["set"], r["dtype"], seconds, f"{r['compiled_over_floor']:.2f}x",
+                f"{r['compiled_over_official']:.2f}x", f"{100 * r['compiled_peak_extra_fraction']:.2f}%",
+            ]  # fmt: skip
+            if cuda:
+                cells += [f"{r['compiled_over_d2d_copy']:.2f}x", str(r["compiled_kernel_launches"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    if result["training"]:
+        lines += [
+            "",
+            "| model | steps | GC hook share: wall totals | CPU-time totals | wall medians | wall incl. first step"
+            " | hook ms/step | step ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, t in result["training"].items():
+            lines.append(
+                f"| {name} | {t['steps']} | {100 * t['hook_share']:.2f}% | {100 * t['hook_share_cpu_time']:.2f}%"
+                f" | {100 * t['hook_share_of_medians']:.2f}% | {100 * t['hook_share_incl_first_step']:.2f}%"
+                f" | {t['hook_ms_per_step']:.3f} | {t['batch_ms_per_step']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default=",".join(PARAM_SETS), help=f"comma-separated, from {list(PARAM_SETS)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, from {list(DTYPES)}")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per set (default 15)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads on CPU (default 1: CPU time of one thread is robust on a shared machine;"
+        " 0 keeps torch's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time the opt-in torch.compile route, on the float32 sets other than many-small (compiling"
+        " 2,000 tensors takes minutes); the first call's compile time is reported",
+    )  # fmt: skip
+    parser.add_argument("--training-steps", type=int, default=60, help="steps per model for the hook share; 0 skips")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--quick", action="store_true", help="tiny sets and few rounds: a smoke run, not a benchmark")
+    args = parser.parse_args(argv)
+    for value, known, flag in ((args.sets, PARAM_SETS, "--sets"), (args.dtypes, DTYPES, "--dtypes")):
+        unknown = [v for v in value.split(",") if v not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; accepted: {list(known)}")
+    if args.rounds < 1 or args.threads < 0 or args.training_steps < 0:
+        parser.error("--rounds must be >= 1, --threads and --training-steps >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no banners between the results
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    result: dict[str, Any] = {"environment": environment(device), "rounds": args.rounds, "rows": [], "training": {}}
+    started = time.perf_counter()
+    sets = {"tiny": tiny_shapes} if args.quick else {name: PARAM_SETS[name] for name in args.sets.split(",")}
+    for name, shapes_of in sets.items():
+        for dtype_name in args.dtypes.split(","):
+            compile = args.compile and dtype_name == "float32" and name != "many-small"
+            row = bench_param_set(name, shapes_of(), DTYPES[dtype_name], device, args.rounds, compile)
+            result["rows"].append(row)
+            ratios = f"ours/floor {row['ours_over_floor']:.2f}x, ours/official {row['ours_over_official']:.2f}x"
+            print(f"{name} {dtype_name}: {ratios}", flush=True)
+    if args.training_steps:
+        from training_share import MODELS, hook_share
+
+        for model_name in ["digits-cnn"] if args.quick else list(MODELS):
+            result["training"][model_name] = hook_share(model_name, args.training_steps)
+    result["environment"]["load_average_1m_at_end"] = os.getloadavg()[0]
+    result["seconds"] = time.perf_counter() - started
+    print(format_table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
