@@ -41,6 +41,9 @@ class GradientCentralization(Callback):
         log_diagnostics: at the trainer's logging interval, log ``gc/removed_norm_ratio``
             (``||g - GC(g)|| / ||g||``), ``gc/grad_norm`` (before GC, unscaled), ``gc/centralized_tensors`` and
             ``gc/centralized_elements``. Costs one read of the gradients on logging steps only.
+        compile: also try a ``torch.compile``'d route for dense gradients: ``True`` for Inductor, or a backend
+            name. It compiles once per plan (seconds), then fuses the mean and the subtraction; if compilation
+            fails, one warning and the eager routes take over. Off by default: eager is exact and needs no compiler.
 
     Raises:
         ValueError: for an invalid option, naming it and the accepted values.
@@ -63,6 +66,7 @@ class GradientCentralization(Callback):
         exclude: Sequence[str] = (),
         exclude_modules: Sequence[Union[str, type]] = DEFAULT_EXCLUDED_MODULES,
         log_diagnostics: bool = True,
+        compile: Union[bool, str] = False,
     ) -> None:
         if not isinstance(log_diagnostics, bool):
             raise ValueError(f"`log_diagnostics` must be True or False, got {log_diagnostics!r}")
@@ -72,6 +76,7 @@ class GradientCentralization(Callback):
             centralize_weight_decay=centralize_weight_decay,
             exclude=tuple(exclude) if not isinstance(exclude, str) else (exclude,),
             exclude_modules=tuple(exclude_modules) if not isinstance(exclude_modules, str) else exclude_modules,
+            compile=compile,
         )
         self.log_diagnostics = log_diagnostics
         self.optimizer_steps = 0

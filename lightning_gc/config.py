@@ -26,6 +26,7 @@ class GCConfig:
     centralize_weight_decay: bool = False
     exclude: tuple[str, ...] = ()
     exclude_modules: tuple[ModuleSpec, ...] = DEFAULT_EXCLUDED_MODULES
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         _check_bool(self.conv_only, "conv_only")
@@ -34,13 +35,20 @@ class GCConfig:
             raise ValueError(f"`mode` must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "exclude", _patterns(self.exclude))
         object.__setattr__(self, "exclude_modules", validate_module_specs(self.exclude_modules, "exclude_modules"))
+        if self.compile is not False:
+            from lightning_gc.executor import _backend  # imports torch._dynamo: only when asked for
+
+            _backend(self.compile)
 
     def selector(self) -> Selector:
         """A fresh :class:`~lightning_gc.selection.Selector` for these options."""
         return Selector(conv_only=self.conv_only, exclude=self.exclude, exclude_modules=self.exclude_modules)
 
     def key(self) -> str:
-        """A stable text form, distinct per configuration (used for the callback's ``state_key``)."""
+        """A stable text form, distinct per configuration (used for the callback's ``state_key``).
+
+        ``compile`` is left out: it changes speed, not results.
+        """
         modules = [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in self.exclude_modules]
         return (
             f"conv_only={self.conv_only}, mode={self.mode}, centralize_weight_decay={self.centralize_weight_decay},"

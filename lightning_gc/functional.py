@@ -29,6 +29,7 @@ def centralize_gradients(
     exclude: Sequence[str] = (),
     exclude_modules: Sequence[ModuleSpec] = DEFAULT_EXCLUDED_MODULES,
     compute_stats: bool = False,
+    compile: bool | str = False,
 ) -> GCStats:
     """Centralize gradients in place: call it after ``backward()`` and before ``optimizer.step()``.
 
@@ -49,6 +50,7 @@ def centralize_gradients(
         conv_only, mode, centralize_weight_decay, exclude, exclude_modules: as in
             :class:`~lightning_gc.GradientCentralization`.
         compute_stats: also measure the gradient norm and the removed-norm ratio (one extra read pass).
+        compile: as in :class:`~lightning_gc.GradientCentralization` (dense gradients only).
 
     Returns:
         :class:`~lightning_gc.diagnostics.GCStats` for the tensors centralized.
@@ -70,6 +72,7 @@ def centralize_gradients(
         centralize_weight_decay=centralize_weight_decay,
         exclude=tuple(exclude),
         exclude_modules=tuple(exclude_modules),
+        compile=compile,
     )
     if centralize_weight_decay and optimizer is None:
         raise ValueError("`centralize_weight_decay=True` needs `optimizer=`: the decay is read from its param groups")
@@ -105,12 +108,13 @@ def build_plan(
     if optimizer is not None:
         only = None if module is not None else {id(p) for p in model_or_params}
         plan = GCPlan.for_optimizer(
-            optimizer, selector, config.mode, module, config.centralize_weight_decay, warn=_warn, only=only
+            optimizer, selector, config.mode, module, config.centralize_weight_decay, warn=_warn, only=only,
+            compile=config.compile,
         )
     elif module is not None:
-        plan = GCPlan.for_module(module, selector, config.mode, warn=_warn)
+        plan = GCPlan.for_module(module, selector, config.mode, warn=_warn, compile=config.compile)
     else:
-        plan = GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn)
+        plan = GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn, compile=config.compile)
     if has_dtensors(t.target.param for t in plan.targets):  # Fabric's ModelParallelStrategy: FSDP2, TP
         return DTensorPlan(plan.targets, plan.mode, warn=_warn)
     return plan

@@ -173,7 +173,13 @@ def _unit(planned: PlannedTarget, mode: Mode) -> Unit:
 def plan_signature(optimizer: Optimizer) -> Hashable:
     """Changes whenever the optimizer's parameters or decay settings do, so a cached plan can be reused."""
     return tuple(
-        (tuple(map(id, g["params"])), g.get("weight_decay"), g.get("maximize"), g.get("decoupled_weight_decay"))
+        (
+            tuple(map(id, g["params"])),
+            tuple(p.requires_grad for p in g["params"]),  # the selector skips frozen parameters
+            g.get("weight_decay"),
+            g.get("maximize"),
+            g.get("decoupled_weight_decay"),
+        )
         for g in optimizer.param_groups
     )
 

@@ -309,3 +309,25 @@ def test_gradient_of_the_wrong_shape_is_refused_naming_parameter_and_strategy():
     with pytest.raises(UnsupportedGradientLayoutError, match=r"`layer.weight` under FSDPStrategy.*\(6,\).*\(4, 3\)"):
         check_dense_gradient(Target(param, "layer.weight"), torch.zeros(6), "FSDPStrategy")
 
+
+
+def test_unfreezing_a_parameter_replans_so_it_is_centralized():
+    class Unfreezing(TinyModule):
+        def on_train_batch_start(self, batch, batch_idx) -> None:  # noqa: ANN001
+            self.net.head.weight.requires_grad_(batch_idx > 0)
+
+    after = GradRecorder()
+    trainer(callbacks=[GradientCentralization(), after]).fit(Unfreezing(), loader(make_batches(2)))
+    assert "net.head.weight" not in after.seen[0]
+    assert after.seen[1]["net.head.weight"].sum(dim=1).abs().max() < 1e-5
+
+
+def test_compile_option_is_validated_and_compiled_route_is_exact():
+    with pytest.raises(ValueError, match="`compile`"):
+        GradientCentralization(compile="no-such-backend")
+    before, after = GradRecorder(), GradRecorder()
+    trainer(callbacks=[before, GradientCentralization(compile="eager"), after], max_steps=2).fit(
+        TinyModule(), loader(make_batches(2))
+    )
+    for b, a in zip(before.seen, after.seen):
+        assert_centralized(b, a, rtol=1e-5, atol=1e-6)

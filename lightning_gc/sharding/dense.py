@@ -29,4 +29,5 @@ class DenseAdapter:
             centralize_weight_decay=config.centralize_weight_decay,
             warn=warn,
             strategy_name=self.strategy_name,
+            compile=config.compile,
         )
