@@ -107,10 +107,7 @@ def build_plan(
         _refuse_flattened(model_or_params)
     if optimizer is not None:
         only = None if module is not None else {id(p) for p in model_or_params}
-        plan = GCPlan.for_optimizer(
-            optimizer, selector, config.mode, module, config.centralize_weight_decay, warn=_warn, only=only,
-            compile=config.compile,
-        )
+        plan = GCPlan.for_config(optimizer, module, config, _warn, only=only)
     elif module is not None:
         plan = GCPlan.for_module(module, selector, config.mode, warn=_warn, compile=config.compile)
     else:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_gc.centralize import Mode
+from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.executor import Executor, Unit, unit_of
 from lightning_gc.selection import Selector, Target
@@ -60,6 +61,29 @@ class GCPlan:
         self._params = [planned.target.param for planned in targets]
         self._shapes = [param.shape for param in self._params]
         self._executor = Executor([_unit(planned, mode) for planned in targets], compile=compile, warn=warn)
+
+    @classmethod
+    def for_config(
+        cls,
+        optimizer: Optimizer,
+        module: nn.Module | None,
+        config: GCConfig,
+        warn: Warn = print,
+        strategy_name: str = "",
+        only: set[int] | None = None,
+    ) -> GCPlan:
+        """:meth:`for_optimizer` with every option taken from a validated :class:`~lightning_gc.config.GCConfig`."""
+        return cls.for_optimizer(
+            optimizer,
+            config.selector(),
+            config.mode,
+            module=module,
+            centralize_weight_decay=config.centralize_weight_decay,
+            warn=warn,
+            strategy_name=strategy_name,
+            only=only,
+            compile=config.compile,
+        )
 
     @classmethod
     def for_optimizer(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import `reference` and `models` as plain modules
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "templates"))  # and `rendering`
 
 # The fixture project is run by the tests, not collected by them (it has its own modules named like packages).
 collect_ignore = ["compare/fixtures"]

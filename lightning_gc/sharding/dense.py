@@ -21,13 +21,4 @@ class DenseAdapter:
     def build_plan(
         self, optimizer: Optimizer, module: nn.Module, config: GCConfig, warn: Callable[[str], None]
     ) -> GCPlan:
-        return GCPlan.for_optimizer(
-            optimizer,
-            config.selector(),
-            config.mode,
-            module=module,
-            centralize_weight_decay=config.centralize_weight_decay,
-            warn=warn,
-            strategy_name=self.strategy_name,
-            compile=config.compile,
-        )
+        return GCPlan.for_config(optimizer, module, config, warn, self.strategy_name)

@@ -49,15 +49,7 @@ class DTensorAdapter:
 
     def build_plan(self, optimizer: Optimizer, module: nn.Module, config: GCConfig, warn: Warn) -> DTensorPlan:
         """Select the targets as for dense gradients (same options, same warnings); centralize them sharded."""
-        base = GCPlan.for_optimizer(
-            optimizer,
-            config.selector(),
-            config.mode,
-            module=module,
-            centralize_weight_decay=config.centralize_weight_decay,
-            warn=warn,
-            strategy_name=self.strategy_name,
-        )
+        base = GCPlan.for_config(optimizer, module, config, warn, self.strategy_name)
         return DTensorPlan(base.targets, base.mode, warn, self.strategy_name)
 
 

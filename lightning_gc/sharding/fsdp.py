@@ -348,13 +348,5 @@ def _dense_plan(
         params = [p for p in module.parameters() if id(p) in leftovers]
         targets = [PlannedTarget(t) for t in config.selector().select_from_module(module, params)]
         return GCPlan(targets, config.mode, lambda message: None, strategy_name)
-    return GCPlan.for_optimizer(
-        optimizer,
-        config.selector(),
-        config.mode,
-        module=module,
-        centralize_weight_decay=config.centralize_weight_decay,
-        warn=lambda message: None,  # the FSDP plan warns about the selection as a whole
-        strategy_name=strategy_name,
-        only=leftovers,
-    )
+    # the FSDP plan warns about the selection as a whole
+    return GCPlan.for_config(optimizer, module, config, lambda message: None, strategy_name, only=leftovers)

@@ -8,26 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from cookiecutter.main import cookiecutter
-
-TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "digits-cnn"
+from rendering import assert_fully_rendered, assert_project_tests_pass, render
 
 
 def _render(tmp_path: Path) -> Path:
-    config = {"cookiecutters_dir": str(tmp_path / "cc"), "replay_dir": str(tmp_path / "replay")}
-    return Path(cookiecutter(str(TEMPLATE), no_input=True, output_dir=str(tmp_path),
-                             extra_context={"project_name": "Digits Test"}, default_config=config))
+    return render("digits-cnn", tmp_path, "Digits Test")
 
 
 @pytest.mark.slow
 def test_rendered_project_passes_its_own_tests(tmp_path: Path) -> None:
     project = _render(tmp_path)
     assert project.name == "digits-test" and (project / "digits_test" / "model.py").is_file()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=project, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout and "failed" not in result.stdout
+    assert_fully_rendered(project)
+    assert_project_tests_pass(project)
 
 
 @pytest.mark.slow
