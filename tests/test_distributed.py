@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from clean_exit import CleanDistributedExit, leave_process_group
 from models import TinyConvNet, TinyModule, loader, make_batches, net_state, reference_sgd, trainer
 from torch import nn
 
@@ -49,7 +50,7 @@ def test_ddp_matches_single_process_reference_over_the_union_of_batches(tmp_path
     trainer(
         devices=2,
         strategy=strategy,
-        callbacks=[GradientCentralization(), SaveWeightsPerRank(tmp_path)],
+        callbacks=[GradientCentralization(), SaveWeightsPerRank(tmp_path), CleanDistributedExit()],
         accumulate_grad_batches=2,
         use_distributed_sampler=False,
     ).fit(module)
@@ -69,6 +70,7 @@ def _fabric_worker(fabric, folder: Path, initial: dict, batches: list) -> None: 
         centralize_gradients(model)
         optimizer.step()
     torch.save(net_state(model.module), folder / f"rank{fabric.global_rank}.pt")
+    leave_process_group()
 
 
 def test_fabric_loop_with_centralize_gradients_matches_reference(tmp_path):

@@ -10,6 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
+from clean_exit import CleanDistributedExit
+
 from lightning_gc.compare import RunMonitor
 
 
@@ -97,7 +99,7 @@ def test_every_rank_stops_at_the_batch_where_one_rank_diverged(tmp_path):
         strategy="ddp_spawn",
         max_epochs=2,
         logger=TensorBoardLogger(tmp_path, name="", version="seed_0"),
-        callbacks=[RunMonitor(status_file=str(tmp_path / "status.json"), interval=0)],
+        callbacks=[RunMonitor(status_file=str(tmp_path / "status.json"), interval=0), CleanDistributedExit()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
