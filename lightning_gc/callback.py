@@ -15,9 +15,9 @@ from lightning_gc.centralize import Mode
 from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.plan import plan_signature
-from lightning_gc.sharding import AppliesGC
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES
-from lightning_gc.sharding import LayoutAdapter, adapter_for
+from lightning_gc.sharding import AppliesGC, LayoutAdapter, adapter_for
+from lightning_gc.sharding.dense import DenseAdapter
 
 
 class GradientCentralization(Callback):
@@ -90,6 +90,12 @@ class GradientCentralization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._adapter = adapter_for(trainer.strategy)
         self._plans.clear()
+        if self.config.compile is not False and not isinstance(self._adapter, DenseAdapter):
+            rank_zero_warn(
+                f"GradientCentralization(compile={self.config.compile!r}) has no effect under"
+                f" {type(trainer.strategy).__name__}: the compiled route is for dense gradients; sharded"
+                " gradients take their own exact routes."
+            )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer

@@ -101,6 +101,7 @@ def build_plan(
     if module is not None and _is_fsdp1(module):
         from lightning_gc.sharding.fsdp import FlatShardPlan
 
+        _warn_compile_unused(config, "FSDP-wrapped modules")
         return FlatShardPlan.for_optimizer(optimizer, module, module, config, _warn, "FullyShardedDataParallel")
     if module is None:
         model_or_params = list(model_or_params)
@@ -113,8 +114,14 @@ def build_plan(
     else:
         plan = GCPlan.for_params(model_or_params, selector, config.mode, warn=_warn, compile=config.compile)
     if has_dtensors(t.target.param for t in plan.targets):  # Fabric's ModelParallelStrategy: FSDP2, TP
+        _warn_compile_unused(config, "DTensor parameters")
         return DTensorPlan(plan.targets, plan.mode, warn=_warn)
     return plan
+
+
+def _warn_compile_unused(config: GCConfig, what: str) -> None:
+    if config.compile is not False:
+        _warn(f"`compile={config.compile!r}` has no effect on {what}: their sharded gradients take their own exact routes")
 
 
 def _is_fsdp1(module: nn.Module) -> bool:

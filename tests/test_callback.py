@@ -331,3 +331,14 @@ def test_compile_option_is_validated_and_compiled_route_is_exact():
     )
     for b, a in zip(before.seen, after.seen):
         assert_centralized(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_under_a_sharded_strategy_says_it_has_no_effect():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class StrategyOnly:  # setup only reads the strategy to pick the adapter; nothing is launched
+        strategy = ModelParallelStrategy()
+
+    callback = GradientCentralization(compile="eager")
+    with pytest.warns(UserWarning, match="no effect under ModelParallelStrategy"):
+        callback.setup(StrategyOnly(), TinyModule(), "fit")
