@@ -25,7 +25,7 @@ def main(out_dir: str, configs_json: str) -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
     sys.path.insert(0, str(Path(__file__).parent))
     import _fsdp_case as case
-    from _multiprocess import MemoryLogger
+    from _multiprocess import MemoryLogger, lit_net
 
     from lightning_gc import GradientCentralization
     from lightning_gc.sharding.deepspeed import ZeroPlan
@@ -52,7 +52,7 @@ def main(out_dir: str, configs_json: str) -> None:
             enable_model_summary=False,
         )
         loader = torch.utils.data.DataLoader(case.rank_batches(rank), batch_size=None)
-        trainer.fit(_lit_net(case, config), loader)
+        trainer.fit(lit_net(case, config), loader)
         plans = [plan for _, plan in gc._plans.values()]
         assert len(plans) == 1 and isinstance(plans[0], ZeroPlan), plans
         engine = trainer.strategy.model
@@ -68,24 +68,6 @@ def main(out_dir: str, configs_json: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _lit_net(case: Any, config: dict[str, Any]) -> Any:
-    import lightning.pytorch as pl
-
-    class LitNet(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = case.make_net()
-
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return case.loss_fn(self.net(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return case.make_optimizer(self.parameters(), config.get("optimizer", "sgd"), config.get("weight_decay", 0.0))
-
-    return LitNet()
 
 
 def _strategy(config: dict[str, Any]) -> Any:

@@ -21,7 +21,7 @@ def main(out_dir: str, configs_json: str) -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     import _fsdp_case as case
-    from _multiprocess import MemoryLogger
+    from _multiprocess import MemoryLogger, lit_net
 
     from lightning_gc import GradientCentralization
     from lightning_gc.sharding.fsdp import FlatShardPlan
@@ -33,7 +33,7 @@ def main(out_dir: str, configs_json: str) -> None:
         if config.get("functional"):
             results[config["name"]] = _functional_run(case, config, rank)
             continue
-        module = _LitNet(case, config)
+        module = lit_net(case, config)
         logger = MemoryLogger()
         gc = GradientCentralization(
             mode=config.get("mode", "channel"),
@@ -102,25 +102,6 @@ def _functional_run(case: Any, config: dict[str, Any], rank: int) -> dict[str, A
         optimizer.step()
         optimizer.zero_grad()
     return {"params": _full_params(model), "metrics": metrics}
-
-
-class _LitNet:  # built lazily so that importing this file needs no Lightning
-    def __new__(cls, case: Any, config: dict[str, Any]):  # type: ignore[misc]
-        import lightning.pytorch as pl
-
-        class LitNet(pl.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = case.make_net()
-
-            def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-                x, y = batch
-                return case.loss_fn(self.net(x), y)
-
-            def configure_optimizers(self) -> torch.optim.Optimizer:
-                return case.make_optimizer(self.parameters(), config.get("optimizer", "sgd"), config.get("weight_decay", 0.0))
-
-        return LitNet()
 
 
 class _GradRecorder:  # built lazily so that importing this file needs no Lightning

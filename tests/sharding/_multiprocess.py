@@ -94,3 +94,26 @@ class MemoryLogger:
                 pass
 
         return _MemoryLogger()
+
+
+def lit_net(case: Any, config: dict[str, Any]) -> Any:
+    """The case's network in a LightningModule: loss from the case, optimizer and decay from the config.
+
+    Built lazily so that importing this file needs no Lightning.
+    """
+    import lightning.pytorch as pl
+
+    class LitNet(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = case.make_net()
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return case.loss_fn(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return case.make_optimizer(self.parameters(), config.get("optimizer", "sgd"), config.get("weight_decay", 0.0))
+
+    return LitNet()
+
