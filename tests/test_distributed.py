@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from clean_exit import CleanDistributedExit, leave_process_group
-from models import TinyConvNet, TinyModule, loader, make_batches, net_state, reference_sgd, trainer
+from models import LAYOUTS, GradRecorder, TinyConvNet, TinyModule, loader, make_batches, net_state, reference_sgd, trainer
+from reference import gc_reference, ulp_tolerance
 from torch import nn
 
 from lightning_gc import GradientCentralization, centralize_gradients
@@ -82,3 +84,35 @@ def test_fabric_loop_with_centralize_gradients_matches_reference(tmp_path):
     fabric.launch(_fabric_worker, tmp_path, initial, batches)
     steps = [[batches[i], batches[i + 1]] for i in (0, 2, 4)]
     assert_ranks_match_reference(tmp_path, reference_sgd(initial, steps, lr=LR, momentum=MOMENTUM))
+
+
+class SaveHookGradients(Callback):
+    """Saves, per rank, the gradients seen by the recorders placed before and after GC."""
+
+    def __init__(self, folder: Path, before: GradRecorder, after: GradRecorder) -> None:
+        self.folder, self.before, self.after = folder, before, after
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        torch.save((self.before.seen, self.after.seen), self.folder / f"grads{trainer.global_rank}.pt")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
+def test_ddp_in_half_precision_is_exact_at_the_hook_and_identical_on_every_rank(tmp_path, precision):
+    before, after = GradRecorder(), GradRecorder()
+    kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "16-mixed" else {"precision": precision}
+    trainer(
+        devices=2,
+        strategy="ddp_spawn",
+        callbacks=[before, GradientCentralization(), after, SaveHookGradients(tmp_path, before, after), CleanDistributedExit()],
+        use_distributed_sampler=False,
+        **kwargs,
+    ).fit(RankSplitModule(make_batches(6)))
+    (before0, after0), (before1, after1) = (torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1))
+    assert len(after0) == 3
+    for step in range(3):
+        for name, grad in before0[step].items():
+            torch.testing.assert_close(after0[step][name], after1[step][name], rtol=0, atol=0, msg=name)
+            key = name.removeprefix("net.")
+            dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+            expected = gc_reference(grad, *LAYOUTS[key]) if key in LAYOUTS else grad
+            torch.testing.assert_close(after0[step][name], expected, msg=name, **ulp_tolerance(dtype))
