@@ -47,7 +47,11 @@ class GradientCentralization(Callback):
 
     Raises:
         ValueError: for an invalid option, naming it and the accepted values.
-        UnsupportedGradientLayoutError: at ``setup``, under a strategy whose gradient layout is not supported.
+        UnsupportedGradientLayoutError: at ``setup`` for DeepSpeed ZeRO-3 and stage 0; at a step, for any gradient
+            whose layout no adapter handles (it names the strategy and the parameter), instead of skipping it.
+
+    Strategies: single device, DDP, ``ModelParallelStrategy`` (FSDP2, tensor parallel), ``FSDPStrategy`` (every
+    sharding mode) and DeepSpeed ZeRO-1/2 are exact; see the README's support matrix.
 
     Example:
         >>> from lightning.pytorch import Trainer
