@@ -1,14 +1,17 @@
 """How a plan's gradients are centralized, decided once per plan and run every step.
 
-Three routes, all exact (float32 accumulation for half precision, one rounding):
+Four routes, all exact (float32 accumulation for half precision, one rounding):
 
+- native (CPU, on by default): the fused kernel of :mod:`lightning_gc.native`, one call for every gradient
+  whose output units are contiguous rows, each read once from memory;
 - stacks: small gradients of one shape are centralized a stack at a time (:mod:`lightning_gc.stacking`),
   a handful of operator calls per stack instead of two per tensor;
 - singles: every other gradient on its own, big ones a cache-sized block of output units at a time, half
   precision on CPU through a bounded float32 scratch buffer (:func:`~lightning_gc.centralize.centralize_view_`);
-- compiled (opt-in): one ``torch.compile``'d graph for the gradients without weight-decay compensation,
-  a fused read-reduce-subtract kernel per tensor (:mod:`lightning_gc.compiled`), with the eager routes
-  as fallback.
+- compiled (opt-in, taking precedence): one ``torch.compile``'d graph for the gradients without
+  weight-decay compensation, a fused read-reduce-subtract kernel per tensor (:mod:`lightning_gc.compiled`).
+
+What the first routes do not take (gradients on GPUs, unusual layouts, no C compiler) goes to the eager ones.
 
 Temporaries stay within the plan's budget: 1% of its gradient bytes (at least ``MIN_BUDGET_BYTES``),
 plus one mean per output unit.
@@ -31,6 +34,8 @@ from lightning_gc.centralize import (
     removed_sq_norm,
 )
 from lightning_gc.compiled import CompiledCentralizer
+from lightning_gc.native import kernel as native_kernel
+from lightning_gc.native.route import NativeRoute
 from lightning_gc.stacking import centralize_stacked_, stack_size
 
 MIN_BUDGET_BYTES = 32 << 10
@@ -117,18 +122,27 @@ class Executor:
         # the budget holds the buffers; the means of the biggest tensor (full and per block) come on top
         means = max((8 * u.output_units for u in units), default=0)
         self.budget_bytes = max(MIN_BUDGET_BYTES, total // BUDGET_FRACTION - means)
-        self.stacks = _stacks(units, self.budget_bytes)
-        stacked = {i for s in self.stacks for i in s.indices}
-        self.singles = [i for i in range(len(units)) if i not in stacked]
         self.compiled = CompiledCentralizer(warn, _backend(compile)) if compile is not False else None
+        fused = native_kernel()
+        self.native = NativeRoute(fused, units) if fused is not None else None
+        if self.native is not None and not self.native.indices:
+            self.native = None
+        native = set(self.native.indices) if self.native is not None else set()
+        eager = [i for i in range(len(units)) if i not in native]
+        self.stacks = _stacks(units, eager, self.budget_bytes)
+        stacked = {i for s in self.stacks for i in s.indices}
+        self.singles = [i for i in eager if i not in stacked]
 
     def run(self, grads: list[Tensor | None], grad_scale: float, removed: list[Tensor] | None) -> None:
         """Centralize ``grads`` (aligned with the units; ``None`` entries are skipped) in place.
 
         Appends the squared norms of what was removed to ``removed`` when given.
         """
-        done = self._run_compiled(grads, removed) if self.compiled is not None else ()
+        done = self._run_compiled(grads, removed) if self.compiled is not None else set()
         leftovers: list[int] = []
+        if self.native is not None:
+            pending = [None if i in done else g for i, g in enumerate(grads)] if done else grads
+            leftovers = self.native.run(pending, grad_scale, removed)
         for stack in self.stacks:
             # autograd refuses a .grad of another dtype than its parameter, so members share the stack's dtype
             members = [grads[i] for i in stack.indices if i not in done]
@@ -171,10 +185,11 @@ def unit_of(param: torch.nn.Parameter, layout_view: Callable[[Tensor], Tensor], 
     return Unit(param, layout_view, groups, decay, param.numel(), dims, unit_dim)
 
 
-def _stacks(units: list[Unit], budget_bytes: int) -> list[Stack]:
-    """Group small, undecayed, ungrouped units by (shape, dtype, device, dims)."""
+def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list[Stack]:
+    """Group the small, undecayed, ungrouped ``candidates`` by (shape, dtype, device, dims)."""
     keyed: dict[tuple, list[int]] = {}
-    for index, u in enumerate(units):
+    for index in candidates:
+        u = units[index]
         if u.groups == 1 and not u.decay and u.numel * u.param.element_size() <= STACK_MAX_BYTES:
             keyed.setdefault((u.param.shape, u.param.dtype, u.param.device, u.dims), []).append(index)
     stacks = []

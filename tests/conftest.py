@@ -23,3 +23,20 @@ def _deterministic() -> None:
 def tiny_project() -> Path:
     """A project following the template convention that trains in a second (see compare/fixtures/tiny_project)."""
     return TINY_PROJECT
+
+
+@pytest.fixture
+def eager_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans built in this test leave the fused CPU kernel aside (lightning_gc.native), so the eager routes run."""
+    monkeypatch.setenv("LIGHTNING_GC_NATIVE", "0")
+
+
+@pytest.fixture(params=["native", "eager"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once with the fused CPU kernel and once with the eager routes."""
+    from lightning_gc import native
+
+    monkeypatch.setenv("LIGHTNING_GC_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native" and not native.status().available:
+        pytest.skip(f"fused kernel unavailable: {native.status().reason}")
+    return request.param

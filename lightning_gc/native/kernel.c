@@ -1,0 +1,227 @@
+/* Gradient Centralization in one pass over memory: for every row (output unit) of every gradient, sum the
+ * row, then subtract its mean while the row is still in L1/L2. Eager PyTorch needs two operator calls per
+ * tensor (mean, then subtract), i.e. two reads of each gradient from memory; this reads it once.
+ *
+ * Plain C with no PyTorch headers, so that it compiles in a fraction of a second with the system compiler
+ * (see build.py) and is called through ctypes. Jobs are described by parallel arrays; a zero gradient
+ * pointer skips a job. Sums accumulate in double (eight lanes), the mean is rounded once to float32 (to the
+ * gradient's dtype for float64), and each entry is rounded once into its dtype: the same result as the eager
+ * route up to summation order. Rows are split across threads by element count; every row is done by one
+ * thread in a fixed order, so results do not depend on the number of threads.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LGC_ABI_VERSION 1
+#define LGC_MAX_THREADS 256
+
+enum { LGC_FLOAT32 = 0, LGC_FLOAT64 = 1, LGC_BFLOAT16 = 2, LGC_FLOAT16 = 3 };
+
+typedef struct {
+  int64_t jobs;
+  const int64_t *grad;       /* address of each gradient's first row; 0: skip the job */
+  const int64_t *weight;     /* address of the parameter (same layout), or 0: no weight-decay compensation */
+  const int64_t *rows;       /* output units */
+  const int64_t *cols;       /* contiguous entries per unit */
+  const int64_t *row_stride; /* entries between the starts of consecutive units */
+  const int32_t *dtype;
+  const double *coefficient; /* per job: the weight mean's coefficient (decay times loss scale) */
+  int64_t first, last;       /* this thread's share: entries [first, last) of all rows laid end to end */
+  double removed_sq;         /* out: squared norm of the gradient means removed by this thread */
+} lgc_work;
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#define LGC_HAS_FLOAT16 1
+#elif defined(__aarch64__)
+#define LGC_HAS_FLOAT16 1
+typedef __fp16 lgc_half;
+#else
+#define LGC_HAS_FLOAT16 0 /* x86 without F16C converts one entry at a time in software: the eager route is faster */
+#endif
+
+#define LGC_CHUNK 256 /* half-precision rows are converted this many entries at a time, in L1 */
+
+/* Half-precision storage, viewed as float32 a chunk at a time: loops the compiler vectorizes. */
+static void load_bfloat16(const uint16_t *in, float *out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits = (uint32_t)in[i] << 16;
+    memcpy(&out[i], &bits, 4);
+  }
+}
+
+static void store_bfloat16(const float *in, uint16_t *out, int64_t n) { /* round to nearest even, as c10 */
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    memcpy(&bits, &in[i], 4);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    uint32_t quiet = (bits >> 16) | 0x40u;
+    out[i] = (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+  }
+}
+
+#if LGC_HAS_FLOAT16
+#if defined(__F16C__)
+static void load_float16(const uint16_t *in, float *out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(in[i]);
+}
+
+static void store_float16(const float *in, uint16_t *out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) out[i] = _cvtss_sh(in[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#else
+static void load_float16(const uint16_t *in, float *out, int64_t n) {
+  const lgc_half *half = (const lgc_half *)in;
+  for (int64_t i = 0; i < n; ++i) out[i] = (float)half[i];
+}
+
+static void store_float16(const float *in, uint16_t *out, int64_t n) {
+  lgc_half *half = (lgc_half *)out;
+  for (int64_t i = 0; i < n; ++i) half[i] = (lgc_half)in[i];
+}
+#endif
+#endif
+
+#define LGC_SUM(NAME, TYPE)                                                                                \
+  static double NAME(const TYPE *row, int64_t n) {                                                       \
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                           \
+    int64_t i = 0;                                                                                       \
+    for (; i + 8 <= n; i += 8)                                                                           \
+      for (int k = 0; k < 8; ++k) lane[k] += (double)row[i + k];                                         \
+    double total = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7])); \
+    for (; i < n; ++i) total += (double)row[i];                                                          \
+    return total;                                                                                        \
+  }
+
+LGC_SUM(sum_float32, float)
+LGC_SUM(sum_float64, double)
+
+typedef void (*lgc_load)(const uint16_t *, float *, int64_t);
+typedef void (*lgc_store)(const float *, uint16_t *, int64_t);
+
+static double sum_half(const uint16_t *row, int64_t n, lgc_load load) {
+  float chunk[LGC_CHUNK];
+  double total = 0.0;
+  for (int64_t i = 0; i < n; i += LGC_CHUNK) {
+    int64_t m = n - i < LGC_CHUNK ? n - i : LGC_CHUNK;
+    load(row + i, chunk, m);
+    total += sum_float32(chunk, m);
+  }
+  return total;
+}
+
+static void subtract_half(uint16_t *row, int64_t n, float shift, lgc_load load, lgc_store store) {
+  float chunk[LGC_CHUNK];
+  for (int64_t i = 0; i < n; i += LGC_CHUNK) {
+    int64_t m = n - i < LGC_CHUNK ? n - i : LGC_CHUNK;
+    load(row + i, chunk, m);
+    for (int64_t k = 0; k < m; ++k) chunk[k] -= shift;
+    store(chunk, row + i, m);
+  }
+}
+
+/* Centralize one row; return its gradient mean (in the accumulation precision: float32, float64 for float64). */
+static double centralize_row(void *grad, const void *weight, int64_t n, int32_t dtype, double coefficient) {
+  if (dtype == LGC_FLOAT64) {
+    double *g = grad;
+    double mean = sum_float64(g, n) / (double)n;
+    double shift = weight ? mean + coefficient * (sum_float64(weight, n) / (double)n) : mean;
+    for (int64_t i = 0; i < n; ++i) g[i] -= shift;
+    return mean;
+  }
+  if (dtype == LGC_FLOAT32) {
+    float *g = grad;
+    float mean = (float)(sum_float32(g, n) / (double)n);
+    float shift = weight ? (float)((double)mean + coefficient * (sum_float32(weight, n) / (double)n)) : mean;
+    for (int64_t i = 0; i < n; ++i) g[i] -= shift;
+    return mean;
+  }
+  lgc_load load = load_bfloat16;
+  lgc_store store = store_bfloat16;
+#if LGC_HAS_FLOAT16
+  if (dtype == LGC_FLOAT16) {
+    load = load_float16;
+    store = store_float16;
+  }
+#endif
+  float mean = (float)(sum_half(grad, n, load) / (double)n);
+  float shift = weight ? (float)((double)mean + coefficient * (sum_half(weight, n, load) / (double)n)) : mean;
+  subtract_half(grad, n, shift, load, store);
+  return mean;
+}
+
+static int64_t element_size(int32_t dtype) {
+  return dtype == LGC_FLOAT64 ? 8 : dtype == LGC_FLOAT32 ? 4 : 2;
+}
+
+static void *run_share(void *arg) {
+  lgc_work *work = arg;
+  int64_t offset = 0; /* entries of all earlier jobs' rows */
+  double removed_sq = 0.0;
+  for (int64_t j = 0; j < work->jobs && offset < work->last; ++j) {
+    int64_t rows = work->rows[j], cols = work->cols[j];
+    int64_t size = rows * cols;
+    if (work->grad[j] != 0 && cols > 0 && offset + size > work->first) {
+      /* the rows whose first entry lies in [first, last) */
+      int64_t begin = work->first > offset ? (work->first - offset + cols - 1) / cols : 0;
+      int64_t end = (work->last - offset + cols - 1) / cols;
+      if (end > rows) end = rows;
+      int64_t step = work->row_stride[j] * element_size(work->dtype[j]);
+      char *grad = (char *)(intptr_t)work->grad[j];
+      const char *weight = (const char *)(intptr_t)work->weight[j];
+      for (int64_t r = begin; r < end; ++r) {
+        double mean = centralize_row(grad + r * step, weight ? weight + r * step : 0, cols, work->dtype[j],
+                                     work->coefficient[j]);
+        removed_sq += mean * mean * (double)cols;
+      }
+    }
+    offset += size;
+  }
+  work->removed_sq = removed_sq;
+  return 0;
+}
+
+int lgc_abi_version(void) { return LGC_ABI_VERSION; }
+
+int lgc_supports_float16(void) { return LGC_HAS_FLOAT16; }
+
+/* Centralize every job's rows in place with up to `threads` threads, each given at least `min_per_thread`
+ * entries; return the squared norm of the removed gradient means. A share whose thread cannot be started
+ * is done on the calling thread, so the gradients are always complete. */
+double lgc_centralize(int64_t jobs, const int64_t *grad, const int64_t *weight, const int64_t *rows,
+                      const int64_t *cols, const int64_t *row_stride, const int32_t *dtype,
+                      const double *coefficient, int64_t threads, int64_t min_per_thread) {
+  int64_t live = 0, all = 0; /* shares are cut on all entries, as run_share counts them */
+  for (int64_t j = 0; j < jobs; ++j) {
+    all += rows[j] * cols[j];
+    if (grad[j] != 0) live += rows[j] * cols[j];
+  }
+  if (min_per_thread < 1) min_per_thread = 1;
+  if (threads > live / min_per_thread) threads = live / min_per_thread;
+  if (threads > LGC_MAX_THREADS) threads = LGC_MAX_THREADS;
+  if (threads < 1) threads = 1;
+  lgc_work work[LGC_MAX_THREADS];
+  pthread_t handle[LGC_MAX_THREADS];
+  int started[LGC_MAX_THREADS];
+  for (int64_t t = 0; t < threads; ++t) {
+    lgc_work share = {jobs, grad, weight, rows, cols, row_stride, dtype, coefficient,
+                      all / threads * t + (all % threads) * t / threads,
+                      all / threads * (t + 1) + (all % threads) * (t + 1) / threads, 0.0};
+    work[t] = share;
+  }
+  for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&handle[t], 0, run_share, &work[t]) == 0;
+  run_share(&work[0]);
+  double removed_sq = work[0].removed_sq;
+  for (int64_t t = 1; t < threads; ++t) {
+    if (started[t]) pthread_join(handle[t], 0);
+    else run_share(&work[t]);
+    removed_sq += work[t].removed_sq;
+  }
+  return removed_sq;
+}
