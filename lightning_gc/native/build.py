@@ -118,7 +118,7 @@ def _load() -> Kernel | str:
             return _unavailable(f"{path} has ABI {library.lgc_abi_version()}, expected {ABI_VERSION}")
         return Kernel(library, path)
     except (OSError, subprocess.SubprocessError) as error:
-        return _unavailable(f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}")
+        return _unavailable(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
 
 
 def _unavailable(reason: str) -> str:
@@ -153,7 +153,9 @@ def _compile(command: list[str], path: Path) -> None:
             if result.returncode == 0:
                 os.replace(temporary, path)  # atomic: a concurrent process sees no file or a whole one
                 return
-        raise OSError(f"{command[0]} failed to compile {SOURCE.name}: {result.stderr.strip()}")
+        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+        first_error = next((line for line in lines if "error" in line), lines[-1])
+        raise OSError(f"{command[0]} failed to compile {SOURCE.name}: {first_error.strip()}")
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

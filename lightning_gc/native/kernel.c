@@ -51,7 +51,7 @@ static void load_bfloat16(const uint16_t *in, float *out, int64_t n) {
   }
 }
 
-static void store_bfloat16(const float *in, uint16_t *out, int64_t n) { /* round to nearest even, as c10 */
+static void store_bfloat16(const float *in, uint16_t *out, int64_t n) { /* nearest even as c10; NaNs quieted */
   for (int64_t i = 0; i < n; ++i) {
     uint32_t bits;
     memcpy(&bits, &in[i], 4);

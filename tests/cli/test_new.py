@@ -124,6 +124,7 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for template in TEMPLATES:
         assert f"lightning_gc/_templates/{template.name}/cookiecutter.json" in names
+    assert "lightning_gc/native/kernel.c" in names  # the fused kernel's source, compiled on first use
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
@@ -138,6 +139,9 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     where = subprocess.run([str(bin_dir / "python"), "-c", "import lightning_gc.cli.new as n; print(n.templates_root())"],
                            **run).stdout.strip()
     assert Path(where) == site / "lightning_gc" / "_templates"
+    native = subprocess.run([str(bin_dir / "python"), "-c", "import lightning_gc.native as n; print(n.status())"],
+                            env={**os.environ, "LIGHTNING_GC_CACHE_DIR": str(tmp_path / "kernels")}, **run).stdout
+    assert "available=True" in native, native
     listing = subprocess.run([str(bin_dir / "lightning-gc"), "new", "--list"], **run).stdout
     assert [line.split()[0] for line in listing.splitlines()] == [t.name for t in TEMPLATES]
     subprocess.run([str(bin_dir / "lightning-gc"), "new", "digits-cnn", "my-digits"], **run)
