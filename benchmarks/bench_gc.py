@@ -7,7 +7,9 @@ GPT-2 small and 2,000 tensors of 64x64, in float32 and bfloat16, it reports the 
 - the floor, one read+write pass over the same gradients: ``torch._foreach_mul_(grads, 1.0)``;
 - the official per-tensor loop of the paper's code: ``g.add_(-g.mean(dim=dims, keepdim=True))``;
 
-all timed in this process, interleaved, medians. It also reports the peak extra memory GC allocates as a
+all timed in this process, interleaved, medians. On CPU, ``ours`` is the fused kernel of
+``lightning_gc.native`` when it is available (the header says so); the eager routes that run without it
+are timed beside it. It also reports the peak extra memory GC allocates as a
 fraction of the gradient bytes, and the callback's share of real training steps from Lightning's profiler.
 On CUDA it also counts kernel launches per call and compares with a device-to-device copy of the gradients.
 Results: a table on stdout and JSON (default ``benchmarks/results/bench_gc.json``).
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import Clock, interleaved_medians, kernel_launches, peak_extra_bytes  # noqa: E402
 from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes  # noqa: E402
 
-from lightning_gc import centralize_gradients  # noqa: E402
+from lightning_gc import centralize_gradients, native  # noqa: E402
 from lightning_gc.plan import GCPlan  # noqa: E402
 from lightning_gc.selection import Selector  # noqa: E402
 
@@ -56,6 +58,8 @@ def bench_param_set(
         "official": lambda: official_loop(grads),
         "lightning_gc": lambda: centralize_gradients(model),
     }
+    if device.type == "cpu" and native.status().available:
+        variants["eager"] = eager_plan(model).apply
     compile_s = None
     if compile:
         compiled = GCPlan.for_module(model, Selector(), "channel", compile=True)
@@ -88,6 +92,8 @@ def bench_param_set(
         "peak_extra_fraction": peak_extra_bytes(lambda: centralize_gradients(model), device) / grad_bytes,
         "official_peak_extra_fraction": peak_extra_bytes(lambda: official_loop(grads), device) / grad_bytes,
     }
+    if "eager" in times:
+        row["eager_over_floor"] = times["eager"]["median_s"] / floor
     if compile:
         row["compile_s"] = compile_s
         row["compiled_over_floor"] = times["compiled"]["median_s"] / floor
@@ -101,6 +107,19 @@ def bench_param_set(
         row["kernel_launches"] = kernel_launches(lambda: centralize_gradients(model))
         row["official_kernel_launches"] = kernel_launches(lambda: official_loop(grads))
     return row
+
+
+def eager_plan(model: torch.nn.Module) -> GCPlan:
+    """A plan that leaves the fused kernel aside, as on a machine without a C compiler."""
+    previous = os.environ.get(native.ENV_SWITCH)
+    os.environ[native.ENV_SWITCH] = "0"
+    try:
+        return GCPlan.for_module(model, Selector(), "channel")
+    finally:
+        if previous is None:
+            del os.environ[native.ENV_SWITCH]
+        else:
+            os.environ[native.ENV_SWITCH] = previous
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -117,6 +136,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "load_average_1m_at_start": os.getloadavg()[0],
     }
+    if device.type == "cpu":
+        status = native.status()
+        env["fused_kernel"] = str(status.library) if status.available else f"unavailable: {status.reason}"
     return env
 
 
@@ -139,11 +161,17 @@ def format_table(result: dict[str, Any]) -> str:
         f" python {env['python']}; 1-min load average {load}",
         f"clock: {result['rows'][0]['clock'] if result['rows'] else '-'};"
         f" medians of {result['rounds']} interleaved rounds",
-        "",
     ]
+    if "fused_kernel" in env:
+        kernel = env["fused_kernel"]
+        lines.append("ours: " + ("fused CPU kernel (lightning_gc.native)" if not kernel.startswith("unavailable")
+                                 else f"eager routes, the fused CPU kernel is {kernel}"))
+    lines.append("")
+    eager = any("eager_over_floor" in r for r in result["rows"])
     cuda = env["device_type"] == "cuda"
     header = "| set | dtype | tensors (GC'd) | grad MiB | floor ms |"
     header += " ours / floor | official / floor | ours / official | peak extra (ours) | peak extra (official) |"
+    header += " eager routes / floor |" if eager else ""
     header += " ours / d2d copy | launches (ours / official) |" if cuda else ""
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in result["rows"]:
@@ -153,6 +181,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['official_over_floor']:.2f}x", f"{r['ours_over_official']:.2f}x",
             f"{100 * r['peak_extra_fraction']:.2f}%", f"{100 * r['official_peak_extra_fraction']:.1f}%",
         ]  # fmt: skip
+        if eager:
+            cells.append(f"{r['eager_over_floor']:.2f}x" if "eager_over_floor" in r else "-")
         if cuda:
             cells += [f"{r['ours_over_d2d_copy']:.2f}x", f"{r['kernel_launches']} / {r['official_kernel_launches']}"]
         lines.append("| " + " | ".join(cells) + " |")
