@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import Clock, interleaved_medians, kernel_launches, peak_extra_bytes  # noqa: E402
+from measure import Clock, interleaved_medians, kernel_launches, paired_ratio, peak_extra_bytes  # noqa: E402
 from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes  # noqa: E402
 
 from lightning_gc import centralize_gradients, native  # noqa: E402
@@ -75,7 +75,6 @@ def bench_param_set(
     clock = Clock(device)
     times = interleaved_medians(variants, clock, rounds)
     grad_bytes = model.grad_bytes()
-    ours, floor, official = (times[k]["median_s"] for k in ("lightning_gc", "floor", "official"))
     row: dict[str, Any] = {
         "set": name,
         "dtype": str(dtype).removeprefix("torch."),
@@ -85,25 +84,25 @@ def bench_param_set(
         "grad_mib": grad_bytes / 2**20,
         "clock": clock.name,
         "times": times,
-        "ours_over_floor": ours / floor,
-        "official_over_floor": official / floor,
-        "ours_over_official": ours / official,
+        "ours_over_floor": paired_ratio(times, "lightning_gc", "floor"),
+        "official_over_floor": paired_ratio(times, "official", "floor"),
+        "ours_over_official": paired_ratio(times, "lightning_gc", "official"),
         "wall_ours_over_floor": times["lightning_gc"]["wall_median_s"] / times["floor"]["wall_median_s"],
         "peak_extra_fraction": peak_extra_bytes(lambda: centralize_gradients(model), device) / grad_bytes,
         "official_peak_extra_fraction": peak_extra_bytes(lambda: official_loop(grads), device) / grad_bytes,
     }
     if "eager" in times:
-        row["eager_over_floor"] = times["eager"]["median_s"] / floor
+        row["eager_over_floor"] = paired_ratio(times, "eager", "floor")
     if compile:
         row["compile_s"] = compile_s
-        row["compiled_over_floor"] = times["compiled"]["median_s"] / floor
-        row["compiled_over_official"] = times["compiled"]["median_s"] / official
+        row["compiled_over_floor"] = paired_ratio(times, "compiled", "floor")
+        row["compiled_over_official"] = paired_ratio(times, "compiled", "official")
         row["compiled_peak_extra_fraction"] = peak_extra_bytes(variants["compiled"], device) / grad_bytes
         if device.type == "cuda":
-            row["compiled_over_d2d_copy"] = times["compiled"]["median_s"] / times["d2d_copy"]["median_s"]
+            row["compiled_over_d2d_copy"] = paired_ratio(times, "compiled", "d2d_copy")
             row["compiled_kernel_launches"] = kernel_launches(variants["compiled"])
     if device.type == "cuda":
-        row["ours_over_d2d_copy"] = ours / times["d2d_copy"]["median_s"]
+        row["ours_over_d2d_copy"] = paired_ratio(times, "lightning_gc", "d2d_copy")
         row["kernel_launches"] = kernel_launches(lambda: centralize_gradients(model))
         row["official_kernel_launches"] = kernel_launches(lambda: official_loop(grads))
     return row
@@ -160,7 +159,7 @@ def format_table(result: dict[str, Any]) -> str:
         f" torch threads {env['torch_threads']}, torch {env['torch']}, lightning {env['lightning']},"
         f" python {env['python']}; 1-min load average {load}",
         f"clock: {result['rows'][0]['clock'] if result['rows'] else '-'};"
-        f" medians of {result['rounds']} interleaved rounds",
+        f" ratios are medians over {result['rounds']} interleaved rounds of the ratio within a round",
     ]
     if "fused_kernel" in env:
         kernel = env["fused_kernel"]
@@ -225,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=",".join(PARAM_SETS), help=f"comma-separated, from {list(PARAM_SETS)}")
     parser.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, from {list(DTYPES)}")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per set (default 15)")
+    parser.add_argument("--rounds", type=int, default=31, help="interleaved timing rounds per set (default 31)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present")
     parser.add_argument(
         "--threads", type=int, default=1,

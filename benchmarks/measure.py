@@ -56,9 +56,21 @@ def interleaved_medians(variants: dict[str, Variant], clock: Clock, rounds: int)
             "median_s": statistics.median(s for s, _ in runs),
             "wall_median_s": statistics.median(w for _, w in runs),
             "min_s": min(s for s, _ in runs),
+            "samples_s": [s for s, _ in runs],
         }
         for name, runs in samples.items()
     }
+
+
+def paired_ratio(times: dict[str, dict], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator / denominator`` timed in the same round.
+
+    The machine's speed drifts between rounds (other processes, memory bandwidth shared with them); both
+    variants of a round saw nearly the same machine, so the ratio of a round is steadier than the ratio of
+    two medians taken over different rounds.
+    """
+    pairs = zip(times[numerator]["samples_s"], times[denominator]["samples_s"])
+    return statistics.median(a / b for a, b in pairs if b > 0)
 
 
 def peak_extra_bytes(fn: Variant, device: torch.device) -> int:

@@ -39,6 +39,7 @@ class GCConfig:
             from lightning_gc.executor import _backend  # imports torch._dynamo: only when asked for
 
             _backend(self.compile)
+        object.__setattr__(self, "_key", self._text())  # read on every step: computed once
 
     def selector(self) -> Selector:
         """A fresh :class:`~lightning_gc.selection.Selector` for these options."""
@@ -49,6 +50,9 @@ class GCConfig:
 
         ``compile`` is left out: it changes speed, not results.
         """
+        return self._key  # type: ignore[attr-defined]
+
+    def _text(self) -> str:
         modules = [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in self.exclude_modules]
         return (
             f"conv_only={self.conv_only}, mode={self.mode}, centralize_weight_decay={self.centralize_weight_decay},"

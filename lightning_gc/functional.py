@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -66,14 +68,7 @@ def centralize_gradients(
         >>> stats.tensors
         2
     """
-    config = GCConfig(
-        conv_only=conv_only,
-        mode=mode,
-        centralize_weight_decay=centralize_weight_decay,
-        exclude=tuple(exclude),
-        exclude_modules=tuple(exclude_modules),
-        compile=compile,
-    )
+    config = _config(conv_only, mode, centralize_weight_decay, tuple(exclude), tuple(exclude_modules), compile)
     if centralize_weight_decay and optimizer is None:
         raise ValueError("`centralize_weight_decay=True` needs `optimizer=`: the decay is read from its param groups")
     if not isinstance(model_or_params, nn.Module):
@@ -137,6 +132,19 @@ def _refuse_flattened(params: list[nn.Parameter]) -> None:
 
 
 _PLANS = PlanCache()
+
+
+def _config(*options: Any) -> GCConfig:
+    """``GCConfig(*options)``, validated once per distinct options: this runs on every training step."""
+    try:
+        return _validated_config(*options)
+    except TypeError:  # unhashable options (say, a list inside `exclude`): validate them every time
+        return GCConfig(*options)
+
+
+@functools.lru_cache(maxsize=32, typed=True)  # typed: `1` is no valid `True`
+def _validated_config(*options: Any) -> GCConfig:
+    return GCConfig(*options)
 
 
 def _warn(message: str) -> None:
