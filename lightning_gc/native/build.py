@@ -31,9 +31,10 @@ ENV_SWITCH = "LIGHTNING_GC_NATIVE"
 ENV_CACHE = "LIGHTNING_GC_CACHE_DIR"
 """Where compiled kernels are kept (default: ``$XDG_CACHE_HOME/lightning-gc`` or ``~/.cache/lightning-gc``)."""
 FLAGS = ("-O3", "-shared", "-fPIC", "-pthread")
-TUNING = ("-march=native",)
-"""Tried first: the vector width of this CPU (measured on ResNet-50 shapes: 1.37x of the floor with x86-64's
-baseline SSE2, 1.03x with AVX2); dropped when the compiler rejects it."""
+OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-march=native",), ())
+"""Tried in order until one compiles. ``-march=native``: the vector width of this CPU (measured on ResNet-50
+shapes: 1.37x of the floor with x86-64's baseline SSE2, 1.03x with AVX2). ``-fopenmp``: threads from the
+OpenMP runtime PyTorch has loaded, instead of threads of its own (see ``run_shares`` in the source)."""
 COMPILE_TIMEOUT_S = 120
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _built_library(command: list[str]) -> Path:
     """The cached library for this compiler and machine, compiled now if missing."""
     version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), repr(command).encode(), repr((FLAGS, TUNING)).encode(), version.encode(),
+    for part in (SOURCE.read_bytes(), repr(command).encode(), repr((FLAGS, OPTIONAL_FLAGS)).encode(), version.encode(),
                  platform.machine().encode(), _cpu_identity().encode()):  # fmt: skip
         key.update(part)
         key.update(b"\0")
@@ -145,9 +146,9 @@ def _compile(command: list[str], path: Path) -> None:
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     os.close(fd)
     try:
-        for tuning in (TUNING, ()):
+        for optional in OPTIONAL_FLAGS:
             result = subprocess.run(
-                [*command, *FLAGS, *tuning, "-o", temporary, str(SOURCE)],
+                [*command, *FLAGS, *optional, "-o", temporary, str(SOURCE)],
                 capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
             )  # fmt: skip
             if result.returncode == 0:

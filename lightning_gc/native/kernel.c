@@ -187,13 +187,34 @@ static void *run_share(void *arg) {
   return 0;
 }
 
+#ifdef _OPENMP
+/* OpenMP, when the compiler has it: the library then binds to the libgomp that PyTorch has already loaded
+ * (same soname), so its threads are ATen's own pool instead of a second set competing for the cores while
+ * ATen's workers spin between parallel regions. */
+static void run_shares(lgc_work *work, int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int64_t t = 0; t < threads; ++t) run_share(&work[t]);
+}
+#else
+/* A share whose thread cannot be started is done on the calling thread. */
+static void run_shares(lgc_work *work, int64_t threads) {
+  pthread_t handle[LGC_MAX_THREADS];
+  int started[LGC_MAX_THREADS];
+  for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&handle[t], 0, run_share, &work[t]) == 0;
+  run_share(&work[0]);
+  for (int64_t t = 1; t < threads; ++t) {
+    if (started[t]) pthread_join(handle[t], 0);
+    else run_share(&work[t]);
+  }
+}
+#endif
+
 int lgc_abi_version(void) { return LGC_ABI_VERSION; }
 
 int lgc_supports_float16(void) { return LGC_HAS_FLOAT16; }
 
 /* Centralize every job's rows in place with up to `threads` threads, each given at least `min_per_thread`
- * entries; return the squared norm of the removed gradient means. A share whose thread cannot be started
- * is done on the calling thread, so the gradients are always complete. */
+ * entries; return the squared norm of the removed gradient means. */
 double lgc_centralize(int64_t jobs, const int64_t *grad, const int64_t *weight, const int64_t *rows,
                       const int64_t *cols, const int64_t *row_stride, const int32_t *dtype,
                       const double *coefficient, int64_t threads, int64_t min_per_thread) {
@@ -207,21 +228,18 @@ double lgc_centralize(int64_t jobs, const int64_t *grad, const int64_t *weight, 
   if (threads > LGC_MAX_THREADS) threads = LGC_MAX_THREADS;
   if (threads < 1) threads = 1;
   lgc_work work[LGC_MAX_THREADS];
-  pthread_t handle[LGC_MAX_THREADS];
-  int started[LGC_MAX_THREADS];
   for (int64_t t = 0; t < threads; ++t) {
     lgc_work share = {jobs, grad, weight, rows, cols, row_stride, dtype, coefficient,
                       all / threads * t + (all % threads) * t / threads,
                       all / threads * (t + 1) + (all % threads) * (t + 1) / threads, 0.0};
     work[t] = share;
   }
-  for (int64_t t = 1; t < threads; ++t) started[t] = pthread_create(&handle[t], 0, run_share, &work[t]) == 0;
-  run_share(&work[0]);
-  double removed_sq = work[0].removed_sq;
-  for (int64_t t = 1; t < threads; ++t) {
-    if (started[t]) pthread_join(handle[t], 0);
-    else run_share(&work[t]);
-    removed_sq += work[t].removed_sq;
+  if (threads == 1) {
+    run_share(&work[0]);
+  } else {
+    run_shares(work, threads);
   }
+  double removed_sq = 0.0;
+  for (int64_t t = 0; t < threads; ++t) removed_sq += work[t].removed_sq;
   return removed_sq;
 }
