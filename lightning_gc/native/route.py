@@ -12,11 +12,15 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_gc.native.build import Kernel
+
+if TYPE_CHECKING:  # the executor imports this module
+    from lightning_gc.executor import Unit
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 """As the ``LGC_*`` enum in ``kernel.c``."""
@@ -63,7 +67,7 @@ class NativeRoute:
         units: the plan's :class:`~lightning_gc.executor.Unit` list.
     """
 
-    def __init__(self, kernel: Kernel, units: Sequence) -> None:  # Sequence[Unit]: executor imports this module
+    def __init__(self, kernel: Kernel, units: Sequence[Unit]) -> None:
         self.kernel = kernel
         picked = [(i, layout) for i, u in enumerate(units) if (layout := _eligible(u, kernel)) is not None]
         self.indices = [i for i, _ in picked]
@@ -83,20 +87,23 @@ class NativeRoute:
     def run(self, grads: Sequence[Tensor | None], grad_scale: float, removed: list[Tensor] | None) -> list[int]:
         """Centralize this route's ``grads`` in place; return the indices of those it had to decline.
 
-        A gradient is declined when its strides differ from its parameter's (autograd allows that): the
-        eager route takes it. Appends the squared norm of what was removed to ``removed`` when given.
+        A gradient is declined, and the eager route takes it, when its strides differ from its parameter's
+        (autograd allows that) or when it requires grad (``backward(create_graph=True)``: eager in-place
+        ops keep GC differentiable, raw writes would not). Appends the squared norm of what was removed to
+        ``removed`` when given.
         """
-        declined = []
+        declined, live = [], []
         pointers = [0] * len(self.indices)
         for j, (i, strides) in enumerate(zip(self.indices, self.strides)):
             grad = grads[i]
             if grad is None:
                 continue
-            if grad.stride() == strides:  # autograd keeps a gradient on its parameter's device
+            if grad.stride() == strides and not grad.requires_grad:  # a gradient lives on its parameter's device
                 pointers[j] = grad.data_ptr()
+                live.append(grad)
             else:
                 declined.append(i)
-        if len(declined) == len(self.indices) or not any(pointers):
+        if not live:
             return declined
         self._grads[:] = pointers
         for j in self.decayed:
@@ -106,12 +113,13 @@ class NativeRoute:
             len(self.indices), self._grads, self._weights, self._rows, self._cols, self._row_strides,
             self._dtypes, self._coefficients, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD,
         )  # fmt: skip
+        torch.autograd.graph.increment_version(live)  # written behind autograd's back: say so, as in-place ops do
         if removed is not None:
             removed.append(torch.tensor(removed_sq, dtype=torch.float64))
         return declined
 
 
-def _eligible(unit, kernel: Kernel) -> tuple[int, int, int] | None:  # noqa: ANN001 - an executor Unit
+def _eligible(unit: Unit, kernel: Kernel) -> tuple[int, int, int] | None:
     param = unit.param
     if type(param.data) is not Tensor or param.device.type != "cpu" or param.numel() == 0 or unit.groups != 1:
         return None

@@ -192,3 +192,27 @@ def test_decayed_units_use_the_current_weights_and_loss_scale(fused):
         plan.apply(grad_scale=4.0)
         expected = gc_reference(before["weight"]) - 0.1 * 4.0 * row_mean_reference(model.weight)
         torch.testing.assert_close(model.weight.grad.double(), expected, **ulp_tolerance(torch.float32))
+
+
+def test_written_gradients_count_as_modified_in_place(fused):
+    model = nn.Linear(10, 4)
+    plan = GCPlan.for_module(model, Selector(), "channel")
+    fill(model)
+    version = model.weight.grad._version
+    plan.apply()
+    assert model.weight.grad._version > version  # autograd's saved-tensor checks see the change
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
+def test_gradients_that_require_grad_take_the_differentiable_eager_route(fused):
+    model = nn.Linear(6, 3)
+    plan = GCPlan.for_module(model, Selector(), "channel")
+    x = torch.randn(5, 6)
+    (model(x) ** 2).sum().backward(create_graph=True)
+    grad = model.weight.grad
+    assert grad.requires_grad
+    expected = gc_reference(grad)
+    plan.apply()
+    torch.testing.assert_close(model.weight.grad.double(), expected, **ulp_tolerance(torch.float32))
+    assert model.weight.grad.grad_fn is not None  # the subtraction is part of the graph, as with eager GC
+    model.zero_grad(set_to_none=True)  # breaks the parameter-gradient reference cycle
