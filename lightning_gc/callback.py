@@ -108,6 +108,8 @@ class GradientCentralization(Callback):
         plan = self._plan_for(optimizer, pl_module, trainer)
         log = self.log_diagnostics and bool(trainer.loggers) and trainer._logger_connector.should_update_logs
         stats = plan.apply(compute_stats=log, grad_scale=_grad_scale(trainer, optimizer))
+        if stats.skipped:  # DeepSpeed: the hook runs per micro-batch, steps only at boundaries
+            return
         self.optimizer_steps += 1
         if log:
             self._log(pl_module, trainer, optimizer, stats)

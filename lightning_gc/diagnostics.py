@@ -17,6 +17,9 @@ class GCStats:
         elements: how many gradient entries they hold.
         grad_sq: squared L2 norm of those gradients before GC (unscaled), or ``None`` if not computed.
         removed_sq: squared L2 norm of what GC subtracted (``g - GC(g)``), or ``None`` if not computed.
+        skipped: no GC step happened, e.g. DeepSpeed between gradient accumulation boundaries: the zeros say
+            nothing about the plan, so these stats are neither logged nor counted as a step. A plan that
+            selects no tensor still runs a step and reports ``tensors=0`` with ``skipped=False``.
 
     Example:
         >>> s = GCStats(tensors=1, elements=4, grad_sq=torch.tensor(4.0), removed_sq=torch.tensor(1.0))
@@ -28,6 +31,7 @@ class GCStats:
     elements: int = 0
     grad_sq: Tensor | None = None
     removed_sq: Tensor | None = None
+    skipped: bool = False
 
     @property
     def grad_norm(self) -> Tensor | None:

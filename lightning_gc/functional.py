@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -147,5 +149,22 @@ def _validated_config(*options: Any) -> GCConfig:
     return GCConfig(*options)
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=4)
+    """Warn on the caller's line: plans are built lazily, at varying depths, so no fixed ``stacklevel`` fits."""
+    warnings.warn(message, UserWarning, stacklevel=_stacklevel_outside_package())
+
+
+def _stacklevel_outside_package() -> int:
+    """The ``stacklevel`` for :func:`_warn` that names the first frame outside ``lightning_gc``.
+
+    ``warnings.warn(skip_file_prefixes=...)`` does this on Python 3.12+ only.
+    """
+    frame = sys._getframe(2)  # the caller of `_warn`; level 1 is `_warn` itself
+    level = 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level

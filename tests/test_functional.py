@@ -1,5 +1,8 @@
 """`centralize_gradients` for plain PyTorch loops."""
 
+import inspect
+import warnings
+
 import pytest
 import torch
 from models import LAYOUTS, TinyConvNet, make_batches
@@ -104,6 +107,54 @@ def test_nothing_to_centralize_warns():
 def test_unmatched_exclude_pattern_warns_with_the_pattern():
     with pytest.warns(UserWarning, match=r"\['decoder\.\*'\]"):
         centralize_gradients(TinyConvNet(), exclude=["decoder.*"])
+
+
+def _next_line() -> int:
+    return inspect.currentframe().f_back.f_lineno + 1
+
+
+def _only_warning(record, match):
+    ours = [w for w in record if match in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in record]
+    return ours[0]
+
+
+def test_warnings_point_at_the_line_that_called_centralize_gradients():
+    # plan-time warnings: raised while the plan cache builds the plan, several frames down
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = _next_line()
+        centralize_gradients(nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3)))
+    warning = _only_warning(record, "nothing to centralize")
+    assert (warning.filename, warning.lineno) == (__file__, line)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = _next_line()
+        centralize_gradients(TinyConvNet(), exclude=["decoder.*"])
+    warning = _only_warning(record, "decoder.*")
+    assert (warning.filename, warning.lineno) == (__file__, line)
+
+    model = TinyConvNet()
+    optimizer = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = _next_line()
+        centralize_gradients(model, optimizer=optimizer, centralize_weight_decay=True)
+    warning = _only_warning(record, "decoupled")
+    assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+def test_step_time_warnings_point_at_the_calling_line():
+    # raised from `apply`, not while planning: a different depth
+    model = nn.Embedding(10, 3, sparse=True)
+    model(torch.tensor([1, 2])).sum().backward()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = _next_line()
+        centralize_gradients(model, exclude_modules=())
+    warning = _only_warning(record, "sparse")
+    assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 def test_sparse_gradients_are_skipped_with_a_warning():

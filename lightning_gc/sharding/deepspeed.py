@@ -166,13 +166,15 @@ class ZeroPlan:
     def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats:
         """Centralize this rank's gradient fragments in place, at accumulation boundaries only.
 
+        Elsewhere it returns ``GCStats(skipped=True)``: the gradients are a partial sum, GC waits for the boundary.
+
         Args:
             compute_stats: also measure the gradient norm and what GC removed, over all ranks' fragments.
             grad_scale: a loss scale the trainer leaves in the gradients; DeepSpeed's own fp16 loss scale
                 is read from the optimizer and accounted for too.
         """
         if not self.engine.is_gradient_accumulation_boundary():
-            return GCStats()
+            return GCStats(skipped=True)
         scale = grad_scale * float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
         stats = GCStats(tensors=len(self.targets), elements=sum(t.rows.numel for t in self.targets))
         parts = [p for p in (g.apply(compute_stats, scale) for g in self.groups) if p is not None]

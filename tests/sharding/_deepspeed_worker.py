@@ -41,7 +41,7 @@ def main(out_dir: str, configs_json: str) -> None:
             devices=case.WORLD,
             strategy=_strategy(config),
             precision=config.get("precision", "32-true"),
-            max_epochs=1,
+            max_epochs=config.get("epochs", 1),
             accumulate_grad_batches=case.ACCUMULATE,
             callbacks=[recorders[0], gc, recorders[1]],
             logger=logger,
@@ -51,7 +51,7 @@ def main(out_dir: str, configs_json: str) -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        loader = torch.utils.data.DataLoader(case.rank_batches(rank), batch_size=None)
+        loader = torch.utils.data.DataLoader(case.rank_batches(rank)[: config.get("batches")], batch_size=None)
         trainer.fit(lit_net(case, config), loader)
         plans = [plan for _, plan in gc._plans.values()]
         assert len(plans) == 1 and isinstance(plans[0], ZeroPlan), plans
@@ -64,6 +64,7 @@ def main(out_dir: str, configs_json: str) -> None:
             "post": recorders[1].grads,
             "weights": recorders[0].weights,
             "bytes_per_step": plans[0].bytes_per_step(compute_stats=True),
+            "optimizer_steps": gc.optimizer_steps,
         }
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
