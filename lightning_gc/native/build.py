@@ -142,7 +142,10 @@ def _built_library(command: list[str]) -> Path:
 
 
 def _compile(command: list[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the kernel cache {path.parent} ({error.strerror}); set {ENV_CACHE}") from error
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     os.close(fd)
     try:

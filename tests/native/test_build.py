@@ -120,3 +120,14 @@ def test_processes_building_at_once_all_load_a_whole_library(cache):
     assert all(run.returncode == 0 for run in runs)
     assert len(set(outputs)) == 1
     assert [p.name for p in cache.iterdir()] == [Path(outputs[0]).name]
+
+
+def test_an_unwritable_cache_is_reported_with_the_variable_to_set(cache, monkeypatch, tmp_path):
+    if build.compiler() is None:
+        pytest.skip("no C compiler here")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(native.ENV_CACHE, str(blocker / "kernels"))
+    status = native.status()
+    assert not status.available
+    assert f"cannot create the kernel cache {blocker / 'kernels'}" in status.reason and native.ENV_CACHE in status.reason
