@@ -43,24 +43,46 @@ typedef __fp16 lgc_half;
 
 #define LGC_CHUNK 256 /* half-precision rows are converted this many entries at a time, in L1 */
 
-/* Half-precision storage, viewed as float32 a chunk at a time: loops the compiler vectorizes. */
-static void load_bfloat16(const uint16_t *in, float *out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits = (uint32_t)in[i] << 16;
-    memcpy(&out[i], &bits, 4);
-  }
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
 }
 
-static void store_bfloat16(const float *in, uint16_t *out, int64_t n) { /* nearest even as c10; NaNs quieted */
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    memcpy(&bits, &in[i], 4);
-    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    uint32_t quiet = (bits >> 16) | 0x40u;
-    out[i] = (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
-  }
+static inline uint16_t float_to_bf16(float f) { /* nearest even as c10; NaNs quieted */
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  uint32_t quiet = (bits >> 16) | 0x40u;
+  return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 
+/* bfloat16 is float32 with the low half cut off: both conversions are shifts the compiler vectorizes in
+ * place, so its rows need no float32 staging. Sums run in 16 float32 lanes within chunks of LGC_CHUNK
+ * entries (exact for all but extreme spreads of magnitude: 8-bit significands, 16 terms per lane), chunk
+ * sums in float64. */
+static double sum_bfloat16(const uint16_t *row, int64_t n) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; i += LGC_CHUNK) {
+    int64_t m = n - i < LGC_CHUNK ? n - i : LGC_CHUNK;
+    float lane[16] = {0};
+    int64_t k = 0;
+    for (; k + 16 <= m; k += 16)
+      for (int l = 0; l < 16; ++l) lane[l] += bf16_to_float(row[i + k + l]);
+    double chunk = 0.0;
+    for (int l = 0; l < 16; ++l) chunk += lane[l];
+    for (; k < m; ++k) chunk += bf16_to_float(row[i + k]);
+    total += chunk;
+  }
+  return total;
+}
+
+static void subtract_bfloat16(uint16_t *row, int64_t n, float shift) {
+  for (int64_t i = 0; i < n; ++i) row[i] = float_to_bf16(bf16_to_float(row[i]) - shift);
+}
+
+/* float16 is converted a chunk at a time into float32 in L1 (F16C on x86, native on ARM). */
 #if LGC_HAS_FLOAT16
 #if defined(__F16C__)
 static void load_float16(const uint16_t *in, float *out, int64_t n) {
@@ -102,29 +124,28 @@ static void store_float16(const float *in, uint16_t *out, int64_t n) {
 LGC_SUM(sum_float32, float)
 LGC_SUM(sum_float64, double)
 
-typedef void (*lgc_load)(const uint16_t *, float *, int64_t);
-typedef void (*lgc_store)(const float *, uint16_t *, int64_t);
-
-static double sum_half(const uint16_t *row, int64_t n, lgc_load load) {
+#if LGC_HAS_FLOAT16
+static double sum_float16(const uint16_t *row, int64_t n) {
   float chunk[LGC_CHUNK];
   double total = 0.0;
   for (int64_t i = 0; i < n; i += LGC_CHUNK) {
     int64_t m = n - i < LGC_CHUNK ? n - i : LGC_CHUNK;
-    load(row + i, chunk, m);
+    load_float16(row + i, chunk, m);
     total += sum_float32(chunk, m);
   }
   return total;
 }
 
-static void subtract_half(uint16_t *row, int64_t n, float shift, lgc_load load, lgc_store store) {
+static void subtract_float16(uint16_t *row, int64_t n, float shift) {
   float chunk[LGC_CHUNK];
   for (int64_t i = 0; i < n; i += LGC_CHUNK) {
     int64_t m = n - i < LGC_CHUNK ? n - i : LGC_CHUNK;
-    load(row + i, chunk, m);
+    load_float16(row + i, chunk, m);
     for (int64_t k = 0; k < m; ++k) chunk[k] -= shift;
-    store(chunk, row + i, m);
+    store_float16(chunk, row + i, m);
   }
 }
+#endif
 
 /* Centralize one row; return its gradient mean (in the accumulation precision: float32, float64 for float64). */
 static double centralize_row(void *grad, const void *weight, int64_t n, int32_t dtype, double coefficient) {
@@ -142,18 +163,21 @@ static double centralize_row(void *grad, const void *weight, int64_t n, int32_t 
     for (int64_t i = 0; i < n; ++i) g[i] -= shift;
     return mean;
   }
-  lgc_load load = load_bfloat16;
-  lgc_store store = store_bfloat16;
+  if (dtype == LGC_BFLOAT16) {
+    float mean = (float)(sum_bfloat16(grad, n) / (double)n);
+    float shift = weight ? (float)((double)mean + coefficient * (sum_bfloat16(weight, n) / (double)n)) : mean;
+    subtract_bfloat16(grad, n, shift);
+    return mean;
+  }
 #if LGC_HAS_FLOAT16
   if (dtype == LGC_FLOAT16) {
-    load = load_float16;
-    store = store_float16;
+    float mean = (float)(sum_float16(grad, n) / (double)n);
+    float shift = weight ? (float)((double)mean + coefficient * (sum_float16(weight, n) / (double)n)) : mean;
+    subtract_float16(grad, n, shift);
+    return mean;
   }
 #endif
-  float mean = (float)(sum_half(grad, n, load) / (double)n);
-  float shift = weight ? (float)((double)mean + coefficient * (sum_half(weight, n, load) / (double)n)) : mean;
-  subtract_half(grad, n, shift, load, store);
-  return mean;
+  return 0.0;
 }
 
 static int64_t element_size(int32_t dtype) {
