@@ -4,9 +4,9 @@
  *
  * Plain C with no PyTorch headers, so that it compiles in a fraction of a second with the system compiler
  * (see build.py) and is called through ctypes. Jobs are described by parallel arrays; a zero gradient
- * pointer skips a job. Sums accumulate in double (eight lanes), the mean is rounded once to float32 (to the
- * gradient's dtype for float64), and each entry is rounded once into its dtype: the same result as the eager
- * route up to summation order. Rows are split across threads by element count; every row is done by one
+ * pointer skips a job. Sums accumulate in double (eight lanes; half precision in float32 lanes within chunks
+ * of 256 entries, in double across chunks), the mean is rounded once to float32 (kept in double for
+ * float64), and each entry is rounded once into its dtype: the eager route's result up to summation order. Rows are split across threads by element count; every row is done by one
  * thread in a fixed order, so results do not depend on the number of threads.
  */
 #include <pthread.h>
