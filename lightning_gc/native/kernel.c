@@ -6,8 +6,9 @@
  * (see build.py) and is called through ctypes. Jobs are described by parallel arrays; a zero gradient
  * pointer skips a job. Sums accumulate in double (eight lanes; half precision in float32 lanes within chunks
  * of 256 entries, in double across chunks), the mean is rounded once to float32 (kept in double for
- * float64), and each entry is rounded once into its dtype: the eager route's result up to summation order. Rows are split across threads by element count; every row is done by one
- * thread in a fixed order, so results do not depend on the number of threads.
+ * float64), and each entry is rounded once into its dtype: the eager route's result up to summation order.
+ * Rows are split across threads by element count; every row is done by one thread in a fixed order, so
+ * results do not depend on the number of threads.
  */
 #include <pthread.h>
 #include <stdint.h>
