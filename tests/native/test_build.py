@@ -131,3 +131,28 @@ def test_an_unwritable_cache_is_reported_with_the_variable_to_set(cache, monkeyp
     status = native.status()
     assert not status.available
     assert f"cannot create the kernel cache {blocker / 'kernels'}" in status.reason and native.ENV_CACHE in status.reason
+
+
+def test_without_openmp_the_kernel_runs_its_own_threads(cache, monkeypatch):
+    """Compilers without -fopenmp (Apple clang) build the pthreads variant: same bits for any thread count."""
+    if build.compiler() is None:
+        pytest.skip("no C compiler here")
+    import ctypes
+
+    monkeypatch.setattr(build, "OPTIONAL_FLAGS", (("-march=native",), ()))
+    kernel = native.kernel()
+    assert kernel is not None
+    shapes = [(33, 17), (1, 500), (64, 27), (130, 64)]
+    source = [torch.randn(s, generator=torch.Generator().manual_seed(i)) + i for i, s in enumerate(shapes)]
+    results = []
+    for threads in (1, 3):
+        grads = [g.clone() for g in source]
+        n = len(grads)
+        int64s = ctypes.c_int64 * n
+        kernel.centralize(n, int64s(*[g.data_ptr() for g in grads]), int64s(*[0] * n), int64s(*[g.shape[0] for g in grads]),
+                          int64s(*[g.shape[1] for g in grads]), int64s(*[g.shape[1] for g in grads]),
+                          (ctypes.c_int32 * n)(*[0] * n), (ctypes.c_double * n)(*[0.0] * n), threads, 1)  # fmt: skip
+        results.append(grads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for grad, before in zip(results[0], source):
+        torch.testing.assert_close(grad.double(), gc_reference(before), **ulp_tolerance(torch.float32))
