@@ -48,19 +48,21 @@ def official_loop(grads: list[torch.Tensor]) -> None:
         g.add_(-g.mean(dim=tuple(range(1, g.ndim)), keepdim=True))
 
 
-def bench_param_set(name: str, shapes: list, dtype: torch.dtype, device: torch.device, rounds: int) -> dict[str, Any]:
-    model = ParameterSet(shapes, dtype, device)
-    grads = model.centralized_grads()
-    variants = {
-        "floor": lambda: torch._foreach_mul_(grads, 1.0),
-        "official": lambda: official_loop(grads),
-        "lightning_gc": lambda: centralize_gradients(model),
-    }
-    if device.type == "cpu" and native.status().available:
-        variants["eager"] = eager_plan(model).apply
+def reference_variants(grads: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """What GC is timed against: the floor, the official loop and, on CUDA, a device-to-device copy."""
+    variants = {"floor": lambda: torch._foreach_mul_(grads, 1.0), "official": lambda: official_loop(grads)}
     if device.type == "cuda":
         copies = [torch.empty_like(g) for g in grads]
         variants["d2d_copy"] = lambda: torch._foreach_copy_(copies, grads)
+    return variants
+
+
+def bench_param_set(name: str, shapes: list, dtype: torch.dtype, device: torch.device, rounds: int) -> dict[str, Any]:
+    model = ParameterSet(shapes, dtype, device)
+    grads = model.centralized_grads()
+    variants = {**reference_variants(grads, device), "lightning_gc": lambda: centralize_gradients(model)}
+    if device.type == "cpu" and native.status().available:
+        variants["eager"] = eager_plan(model).apply
     clock = Clock(device)
     times = interleaved_medians(variants, clock, rounds)
     grad_bytes = model.grad_bytes()
@@ -103,11 +105,7 @@ def bench_compiled(row: dict[str, Any], shapes: list, dtype: torch.dtype, device
     compile_s = time.perf_counter() - started
     if compiled._executor.compiled.unavailable:  # the warning said why; time the eager fallback anyway
         compile_s = None
-    variants = {"floor": lambda: torch._foreach_mul_(grads, 1.0), "official": lambda: official_loop(grads),
-                "compiled": compiled.apply}  # fmt: skip
-    if device.type == "cuda":
-        copies = [torch.empty_like(g) for g in grads]
-        variants["d2d_copy"] = lambda: torch._foreach_copy_(copies, grads)
+    variants = {**reference_variants(grads, device), "compiled": compiled.apply}
     times = interleaved_medians(variants, Clock(device), rounds)
     row["compile_s"] = compile_s
     row["compiled_times"] = times

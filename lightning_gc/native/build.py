@@ -33,7 +33,7 @@ ENV_CACHE = "LIGHTNING_GC_CACHE_DIR"
 FLAGS = ("-O3", "-shared", "-fPIC", "-pthread")
 OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-march=native",), ())
 """Tried in order until one compiles. ``-march=native``: the vector width of this CPU (measured on ResNet-50
-shapes: 1.37x of the floor with x86-64's baseline SSE2, 1.03x with AVX2). ``-fopenmp``: threads from the
+shapes: 1.37x of the floor with x86-64's baseline SSE2, 1.03x with ``-march=native`` on an AVX-512 CPU). ``-fopenmp``: threads from the
 OpenMP runtime PyTorch has loaded, instead of threads of its own (see ``run_shares`` in the source)."""
 COMPILE_TIMEOUT_S = 120
 
@@ -90,15 +90,13 @@ def compiler() -> list[str] | None:
 
 def kernel() -> Kernel | None:
     """The loaded kernel, or ``None`` when it is switched off or cannot be built (see :func:`status`)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    loaded = _load()
+    loaded = None if _switched_off() else _load()
     return loaded if isinstance(loaded, Kernel) else None
 
 
 def status() -> NativeStatus:
     """Whether :func:`kernel` returns a kernel here, and why not if it does not."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if _switched_off():
         return NativeStatus(False, f"switched off by {ENV_SWITCH}=0")
     loaded = _load()
     if isinstance(loaded, Kernel):
@@ -120,6 +118,10 @@ def _load() -> Kernel | str:
         return Kernel(library, path)
     except (OSError, subprocess.SubprocessError) as error:
         return _unavailable(f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}")
+
+
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") == "0"  # read on every call: tests and benchmarks flip it
 
 
 def _unavailable(reason: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_calls import call_kernel
 from reference import gc_reference, ulp_tolerance
 from torch import nn
 
@@ -137,8 +138,6 @@ def test_without_openmp_the_kernel_runs_its_own_threads(cache, monkeypatch):
     """Compilers without -fopenmp (Apple clang) build the pthreads variant: same bits for any thread count."""
     if build.compiler() is None:
         pytest.skip("no C compiler here")
-    import ctypes
-
     monkeypatch.setattr(build, "OPTIONAL_FLAGS", (("-march=native",), ()))
     kernel = native.kernel()
     assert kernel is not None
@@ -147,11 +146,7 @@ def test_without_openmp_the_kernel_runs_its_own_threads(cache, monkeypatch):
     results = []
     for threads in (1, 3):
         grads = [g.clone() for g in source]
-        n = len(grads)
-        int64s = ctypes.c_int64 * n
-        kernel.centralize(n, int64s(*[g.data_ptr() for g in grads]), int64s(*[0] * n), int64s(*[g.shape[0] for g in grads]),
-                          int64s(*[g.shape[1] for g in grads]), int64s(*[g.shape[1] for g in grads]),
-                          (ctypes.c_int32 * n)(*[0] * n), (ctypes.c_double * n)(*[0.0] * n), threads, 1)  # fmt: skip
+        call_kernel(kernel, grads, threads=threads)
         results.append(grads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
     for grad, before in zip(results[0], source):

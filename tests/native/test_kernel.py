@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
+from kernel_calls import call_kernel
 from reference import gc_reference, row_mean_reference, ulp_tolerance
 from torch import nn
 
 from lightning_gc import native
-from lightning_gc.native.route import DTYPE_CODES, NativeRoute, row_layout
+from lightning_gc.native.route import NativeRoute
 from lightning_gc.plan import GCPlan, PlannedTarget
 from lightning_gc.selection import Selector
 
@@ -31,20 +30,6 @@ def offset_grad(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> to
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.randn((shape[0],) + (1,) * (len(shape) - 1), generator=generator, dtype=torch.float64) * 5
     return (torch.randn(shape, generator=generator, dtype=torch.float64) + offsets).to(dtype)
-
-
-def call_kernel(kernel, grads, weights=None, coefficient=0.0, threads=1, min_per_thread=1, unit_dim=0) -> float:
-    """The kernel on ``grads`` as rows, straight through ctypes (no plan, no route)."""
-    n = len(grads)
-    layouts = [row_layout(g.shape, g.stride(), unit_dim) for g in grads]
-    int64s = ctypes.c_int64 * n
-    return kernel.centralize(
-        n, int64s(*[g.data_ptr() for g in grads]),
-        int64s(*[w.data_ptr() if w is not None else 0 for w in (weights or [None] * n)]),
-        int64s(*[lay[0] for lay in layouts]), int64s(*[lay[1] for lay in layouts]), int64s(*[lay[2] for lay in layouts]),
-        (ctypes.c_int32 * n)(*[DTYPE_CODES[g.dtype] for g in grads]), (ctypes.c_double * n)(*[coefficient] * n),
-        threads, min_per_thread,
-    )  # fmt: skip
 
 
 def half_supported(kernel, dtype: torch.dtype) -> None:
@@ -109,10 +94,7 @@ def test_threads_split_rows_without_changing_a_bit(fused, dtype):
 def test_a_zero_pointer_skips_its_job(fused):
     grads = [offset_grad((4, 9), torch.float32, seed) for seed in range(3)]
     untouched = grads[1].clone()
-    n = 3
-    int64s = ctypes.c_int64 * n
-    fused.centralize(n, int64s(grads[0].data_ptr(), 0, grads[2].data_ptr()), int64s(0, 0, 0), int64s(4, 4, 4),
-                     int64s(9, 9, 9), int64s(9, 9, 9), (ctypes.c_int32 * n)(0, 0, 0), (ctypes.c_double * n)(0, 0, 0), 2, 1)
+    call_kernel(fused, grads, threads=2, skip={1})
     assert torch.equal(grads[1], untouched)
     torch.testing.assert_close(grads[0].sum(dim=1), torch.zeros(4), atol=1e-5, rtol=0)
 
