@@ -26,7 +26,7 @@ DEEPSPEED ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench tensorboard clean
+.PHONY: setup test test-fast lint demo bench tensorboard clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint and format) and mypy --strict on the package; configs in pyproject.toml
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import Clock, interleaved_medians, kernel_launches, paired_ratio, peak_extra_bytes  # noqa: E402
-from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes  # noqa: E402
+from measure import Clock, interleaved_medians, kernel_launches, paired_ratio, peak_extra_bytes
+from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes
 
-from lightning_gc import centralize_gradients, native  # noqa: E402
-from lightning_gc.plan import GCPlan  # noqa: E402
-from lightning_gc.selection import Selector  # noqa: E402
+from lightning_gc import centralize_gradients, native
+from lightning_gc.plan import GCPlan
+from lightning_gc.selection import Selector
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_gc.json"
@@ -172,8 +172,14 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     if "fused_kernel" in env:
         kernel = env["fused_kernel"]
-        lines.append("ours: " + ("fused CPU kernel (lightning_gc.native)" if not kernel.startswith("unavailable")
-                                 else f"eager routes, the fused CPU kernel is {kernel}"))
+        lines.append(
+            "ours: "
+            + (
+                "fused CPU kernel (lightning_gc.native)"
+                if not kernel.startswith("unavailable")
+                else f"eager routes, the fused CPU kernel is {kernel}"
+            )
+        )
     lines.append("")
     eager = any("eager_over_floor" in r for r in result["rows"])
     cuda = env["device_type"] == "cuda"

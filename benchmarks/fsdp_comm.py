@@ -44,7 +44,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(self.ln_1(x)).split(c, 2))
+        q, k, v = (
+            z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(self.ln_1(x)).split(c, 2)
+        )
         x = x + self.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c))
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
 
@@ -109,8 +111,16 @@ class ResNet50(nn.Module):
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], type[nn.Module], Callable[[int], Tensor]]] = {
-    "gpt2-small": (GPT2Small, Block, lambda seed: torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(seed))),
-    "resnet50": (ResNet50, Bottleneck, lambda seed: torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))),
+    "gpt2-small": (
+        GPT2Small,
+        Block,
+        lambda seed: torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(seed)),
+    ),
+    "resnet50": (
+        ResNet50,
+        Bottleneck,
+        lambda seed: torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)),
+    ),
 }
 
 
@@ -122,7 +132,10 @@ def wrap(name: str, use_orig_params: bool = True) -> tuple[nn.Module, FlatShardP
     build, unit, _ = MODELS[name]
     torch.manual_seed(0)
     model = FullyShardedDataParallel(
-        build(), auto_wrap_policy=ModuleWrapPolicy({unit}), device_id=torch.device("cpu"), use_orig_params=use_orig_params
+        build(),
+        auto_wrap_policy=ModuleWrapPolicy({unit}),
+        device_id=torch.device("cpu"),
+        use_orig_params=use_orig_params,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     plan = FlatShardPlan.for_optimizer(optimizer, model, model, GCConfig(), warn=lambda message: None)

@@ -2,7 +2,7 @@
 
 Example:
     >>> from lightning.pytorch import Trainer
-    >>> from lightning_gc import GradientCentralization
+    >>> from lightning_gc import GradientCentralization as GradientCentralization
     >>> trainer = Trainer(callbacks=[GradientCentralization()], logger=False)
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from lightning_gc.callback import GradientCentralization
-    from lightning_gc.diagnostics import GCStats
-    from lightning_gc.functional import centralize_gradients
-    from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
+if TYPE_CHECKING:  # the names of _EXPORTS, for type checkers and IDEs
+    from lightning_gc.callback import GradientCentralization as GradientCentralization
+    from lightning_gc.diagnostics import GCStats as GCStats
+    from lightning_gc.functional import centralize_gradients as centralize_gradients
+    from lightning_gc.sharding.guard import UnsupportedGradientLayoutError as UnsupportedGradientLayoutError
 
 # Imported on first use (PEP 562): the `lightning-gc` command (e.g. `new --list`) then starts without
 # importing torch and Lightning, which takes seconds.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -70,9 +70,9 @@ class GradientCentralization(Callback):
         mode: Mode = "channel",
         centralize_weight_decay: bool = False,
         exclude: Sequence[str] = (),
-        exclude_modules: Sequence[Union[str, type]] = DEFAULT_EXCLUDED_MODULES,
+        exclude_modules: Sequence[str | type] = DEFAULT_EXCLUDED_MODULES,
         log_diagnostics: bool = True,
-        compile: Union[bool, str] = False,
+        compile: bool | str = False,
     ) -> None:
         if not isinstance(log_diagnostics, bool):
             raise ValueError(f"`log_diagnostics` must be True or False, got {log_diagnostics!r}")

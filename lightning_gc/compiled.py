@@ -24,7 +24,6 @@ Spec = tuple[tuple[int, ...], int]
 """Per tensor: the dims to average over (on the grouped view) and the transposed-conv ``groups``."""
 
 
-
 def centralize_all_(grads: list[Tensor], specs: tuple[Spec, ...]) -> Tensor:
     """Centralize ``grads`` in place; return the squared norm of everything removed (float32).
 
@@ -73,7 +72,7 @@ class CompiledCentralizer:
                 fn = _own_copy(centralize_all_)
                 self._fn = torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False)
             return self._fn(grads, specs)
-        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly instead
+        except Exception as error:
             # Compilation happens before the graph runs, so the gradients are untouched here.
             self.unavailable = True
             self._warn(

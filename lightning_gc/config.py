@@ -73,5 +73,7 @@ def _patterns(value: Sequence[str] | str | None) -> tuple[str, ...]:
     patterns = tuple(value)
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            raise ValueError(f"`exclude` accepts non-empty fnmatch patterns of parameter names (e.g. 'head.*'), got {pattern!r}")
+            raise ValueError(
+                f"`exclude` accepts non-empty fnmatch patterns of parameter names (e.g. 'head.*'), got {pattern!r}"
+            )
     return patterns

@@ -202,7 +202,6 @@ def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list
     return stacks
 
 
-
 def _backend(compile: bool | str) -> str:
     if compile is True:
         return "inductor"

@@ -118,7 +118,9 @@ def build_plan(
 
 def _warn_compile_unused(config: GCConfig, what: str) -> None:
     if config.compile is not False:
-        _warn(f"`compile={config.compile!r}` has no effect on {what}: their sharded gradients take their own exact routes")
+        _warn(
+            f"`compile={config.compile!r}` has no effect on {what}: their sharded gradients take their own exact routes"
+        )
 
 
 def _is_fsdp1(module: nn.Module) -> bool:

@@ -106,7 +106,11 @@ class GCPlan:
         planned: list[PlannedTarget] = []
         for group in optimizer.param_groups:
             params = [p for p in group["params"] if only is None or id(p) in only]
-            targets = selector.select_from_module(module, params) if module is not None else selector.select_from_params(params)
+            targets = (
+                selector.select_from_module(module, params)
+                if module is not None
+                else selector.select_from_params(params)
+            )
             decay = _decay_for_group(optimizer, group, warn) if centralize_weight_decay and targets else 0.0
             planned.extend(PlannedTarget(t, decay) for t in targets)
         _warn_about_selection(selector, planned, f"{type(optimizer).__name__} optimizer", warn)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 from torch import nn
 
 from lightning_gc.centralize import RowLayout
 
-ModuleSpec = Union[str, type]
+ModuleSpec = str | type
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,

@@ -20,5 +20,5 @@ def leave_process_group() -> None:
 class CleanDistributedExit(Callback):
     """Runs :func:`leave_process_group` in ``teardown``, the Trainer's last step on every rank."""
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:  # noqa: ANN001
+    def teardown(self, trainer, pl_module, stage: str) -> None:
         leave_process_group()

@@ -46,7 +46,7 @@ class GradRecorder(_lightning().Callback):
     def __init__(self) -> None:
         self.seen: list[dict[str, torch.Tensor]] = []
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.seen.append(
             {n: p.grad.detach().double().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
         )
@@ -58,18 +58,23 @@ class TinyModule(_lightning().LightningModule):
     def __init__(self, optimizer: str = "sgd", lr: float = 0.1, weight_decay: float = 0.0, **optimizer_kwargs) -> None:
         super().__init__()
         self.net = TinyConvNet()
-        self.optimizer_name, self.lr, self.weight_decay, self.optimizer_kwargs = optimizer, lr, weight_decay, optimizer_kwargs
+        self.optimizer_name, self.lr, self.weight_decay, self.optimizer_kwargs = (
+            optimizer,
+            lr,
+            weight_decay,
+            optimizer_kwargs,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss)
         return loss
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lbfgs": torch.optim.LBFGS}
         kwargs = dict(self.optimizer_kwargs, lr=self.lr)
         if self.optimizer_name != "lbfgs":
@@ -77,12 +82,12 @@ class TinyModule(_lightning().LightningModule):
         return cls[self.optimizer_name](self.parameters(), **kwargs)
 
 
-def loader(batches: list[tuple[torch.Tensor, torch.Tensor]]):  # noqa: ANN201
+def loader(batches: list[tuple[torch.Tensor, torch.Tensor]]):
     """A DataLoader yielding exactly `batches` in order."""
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
 
 
-def trainer(**kwargs):  # noqa: ANN201
+def trainer(**kwargs):
     pl = _lightning()
     defaults = dict(
         accelerator="cpu",

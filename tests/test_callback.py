@@ -26,7 +26,9 @@ from lightning_gc.sharding import check_dense_gradient
 
 def assert_centralized(before: dict, after: dict, **tolerance) -> None:
     for name, grad in before.items():
-        expected = gc_reference(grad, *LAYOUTS[name.removeprefix("net.")]) if name.removeprefix("net.") in LAYOUTS else grad
+        expected = (
+            gc_reference(grad, *LAYOUTS[name.removeprefix("net.")]) if name.removeprefix("net.") in LAYOUTS else grad
+        )
         torch.testing.assert_close(after[name], expected, msg=name, **tolerance)
 
 
@@ -94,11 +96,11 @@ class TwoOptimizerModule(TinyModule):
         self.body_grads_when_head_stepped: list[torch.Tensor] = []
         self.body_grads_before: list[torch.Tensor] = []
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         body = [*self.net.conv.parameters(), *self.net.up.parameters()]
         return torch.optim.SGD(self.net.head.parameters(), lr=0.1), torch.optim.SGD(body, lr=0.1)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         opt_head, opt_body = self.optimizers()
         x, y = batch
         opt_head.zero_grad()
@@ -113,7 +115,9 @@ class TwoOptimizerModule(TinyModule):
 def test_manual_optimization_centralizes_only_the_stepped_optimizers_parameters(tmp_path):
     module = TwoOptimizerModule()
     recorder = GradRecorder()
-    t = trainer(callbacks=[GradientCentralization(), recorder], max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    t = trainer(
+        callbacks=[GradientCentralization(), recorder], max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1
+    )
     t.fit(module, loader(make_batches(2)))
     assert len(recorder.seen) == 4  # 2 batches x 2 optimizers
     for before, at_head_step in zip(module.body_grads_before, module.body_grads_when_head_stepped):
@@ -147,7 +151,7 @@ def test_lbfgs_centralizes_every_closure_evaluation():
     optimizer = torch.optim.LBFGS(ref.parameters(), lr=0.5, max_iter=4)
     for x, y in batches:
 
-        def closure():  # noqa: ANN202
+        def closure():
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(ref(x.double()), y)
             loss.backward()
@@ -166,7 +170,7 @@ class StepRecordingSGD(torch.optim.SGD):
 
     seen: list[dict[int, torch.Tensor]] = []
 
-    def step(self, closure=None):  # noqa: ANN001, ANN201
+    def step(self, closure=None):
         with torch.enable_grad():
             loss = closure()
         StepRecordingSGD.seen.append({id(p): p.grad.detach().double().clone() for p in self.param_groups[0]["params"]})
@@ -175,7 +179,7 @@ class StepRecordingSGD(torch.optim.SGD):
 
 
 class ClippedModule(TinyModule):
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return StepRecordingSGD(self.parameters(), lr=0.1)
 
 
@@ -189,9 +193,7 @@ def test_gradient_clipping_sees_the_centralized_gradient():
     )
     names = {id(p): n for n, p in module.named_parameters()}
     for raw, used in zip(before.seen, StepRecordingSGD.seen):
-        centralized = {
-            n: gc_reference(g, *LAYOUTS[n[4:]]) if n[4:] in LAYOUTS else g for n, g in raw.items()
-        }
+        centralized = {n: gc_reference(g, *LAYOUTS[n[4:]]) if n[4:] in LAYOUTS else g for n, g in raw.items()}
         total = torch.sqrt(sum(g.square().sum() for g in centralized.values()))
         coef = min(1.0, clip / (float(total) + 1e-6))
         assert coef < 1.0  # clipping is active, so the order matters
@@ -237,7 +239,7 @@ def test_diagnostics_reach_tensorboard_and_cost_a_pass_only_on_logging_steps(tmp
     calls: list[bool] = []
     original_apply = GCPlan.apply
 
-    def counting_apply(self, compute_stats=False, grad_scale=1.0):  # noqa: ANN001, ANN202
+    def counting_apply(self, compute_stats=False, grad_scale=1.0):
         calls.append(compute_stats)
         return original_apply(self, compute_stats=compute_stats, grad_scale=grad_scale)
 
@@ -267,7 +269,7 @@ def test_lightning_cli_adds_the_callback_from_the_command_line(tmp_path):
     from lightning.pytorch.cli import LightningCLI
 
     class CLIModule(TinyModule):
-        def train_dataloader(self):  # noqa: ANN201
+        def train_dataloader(self):
             return loader(make_batches(2))
 
     cli = LightningCLI(
@@ -297,7 +299,7 @@ def test_invalid_callback_options_raise_value_errors():
 
 def test_optimizer_with_nothing_to_centralize_warns():
     class EmbeddingOnly(TinyModule):
-        def configure_optimizers(self):  # noqa: ANN201
+        def configure_optimizers(self):
             return torch.optim.SGD([*self.net.head.parameters()][1:], lr=0.1)  # the bias only
 
     with pytest.warns(UserWarning, match="nothing to centralize"):
@@ -310,10 +312,9 @@ def test_gradient_of_the_wrong_shape_is_refused_naming_parameter_and_strategy():
         check_dense_gradient(Target(param, "layer.weight"), torch.zeros(6), "FSDPStrategy")
 
 
-
 def test_unfreezing_a_parameter_replans_so_it_is_centralized():
     class Unfreezing(TinyModule):
-        def on_train_batch_start(self, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_start(self, batch, batch_idx) -> None:
             self.net.head.weight.requires_grad_(batch_idx > 0)
 
     after = GradRecorder()

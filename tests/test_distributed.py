@@ -4,10 +4,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from clean_exit import CleanDistributedExit, leave_process_group
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins import MixedPrecision
-from clean_exit import CleanDistributedExit, leave_process_group
-from models import LAYOUTS, GradRecorder, TinyConvNet, TinyModule, loader, make_batches, net_state, reference_sgd, trainer
+from models import (
+    LAYOUTS,
+    GradRecorder,
+    TinyConvNet,
+    TinyModule,
+    loader,
+    make_batches,
+    net_state,
+    reference_sgd,
+    trainer,
+)
 from reference import gc_reference, ulp_tolerance
 from torch import nn
 
@@ -22,7 +32,7 @@ class SaveWeightsPerRank(Callback):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_end(self, trainer, pl_module) -> None:
         torch.save(net_state(pl_module), self.folder / f"rank{trainer.global_rank}.pt")
 
 
@@ -40,7 +50,7 @@ class RankSplitModule(TinyModule):
         super().__init__(lr=LR, momentum=MOMENTUM)
         self.batches = batches
 
-    def train_dataloader(self):  # noqa: ANN201
+    def train_dataloader(self):
         return loader(self.batches[self.global_rank :: self.trainer.world_size])
 
 
@@ -61,7 +71,7 @@ def test_ddp_matches_single_process_reference_over_the_union_of_batches(tmp_path
     assert_ranks_match_reference(tmp_path, reference_sgd(initial, steps, lr=LR, momentum=MOMENTUM))
 
 
-def _fabric_worker(fabric, folder: Path, initial: dict, batches: list) -> None:  # noqa: ANN001
+def _fabric_worker(fabric, folder: Path, initial: dict, batches: list) -> None:
     model = TinyConvNet()
     model.load_state_dict({k: v.float() for k, v in initial.items()})
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -92,7 +102,7 @@ class SaveHookGradients(Callback):
     def __init__(self, folder: Path, before: GradRecorder, after: GradRecorder) -> None:
         self.folder, self.before, self.after = folder, before, after
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_end(self, trainer, pl_module) -> None:
         torch.save((self.before.seen, self.after.seen), self.folder / f"grads{trainer.global_rank}.pt")
 
 
@@ -103,7 +113,13 @@ def test_ddp_in_half_precision_is_exact_at_the_hook_and_identical_on_every_rank(
     trainer(
         devices=2,
         strategy="ddp_spawn",
-        callbacks=[before, GradientCentralization(), after, SaveHookGradients(tmp_path, before, after), CleanDistributedExit()],
+        callbacks=[
+            before,
+            GradientCentralization(),
+            after,
+            SaveHookGradients(tmp_path, before, after),
+            CleanDistributedExit(),
+        ],
         use_distributed_sampler=False,
         **kwargs,
     ).fit(RankSplitModule(make_batches(6)))

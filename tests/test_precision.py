@@ -28,7 +28,7 @@ def test_gradients_are_centralized_exactly_in_every_precision(precision):
     dtypes = []
 
     class DtypeProbe(GradRecorder):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             dtypes.append(pl_module.net.head.weight.grad.dtype)
 
     t = trainer(callbacks=[before, DtypeProbe(), GradientCentralization(), after], **precision_kwargs(precision))
@@ -54,11 +54,11 @@ class PoisonedStep(TinyModule):
         self.snapshots: list[torch.Tensor] = []
         self.scales: list[float] = []
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         return loss * 1e30 if batch_idx == self.poisoned_batch else loss
 
-    def on_train_batch_start(self, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, batch, batch_idx) -> None:
         self.snapshots.append(self.net.head.weight.detach().clone())
         self.scales.append(self.trainer.precision_plugin.scaler.get_scale())
 
@@ -75,7 +75,7 @@ def test_fp16_overflow_step_is_still_skipped_and_the_scale_backs_off():
 
 
 class FusedAdam(TinyModule):
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
 
 

@@ -29,10 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("project", metavar="PROJECT_DIR", help="a project folder (template convention) or a template name")
-    parser.add_argument("--seeds", type=_positive("--seeds"), default=3, metavar="N", help="seeds 0..N-1, each in both arms (default 3)")
     parser.add_argument(
-        "--max-epochs", type=_positive("--max-epochs"), default=None, metavar="N", help="epochs per run (default: the configs')"
+        "project", metavar="PROJECT_DIR", help="a project folder (template convention) or a template name"
+    )
+    parser.add_argument(
+        "--seeds", type=_positive("--seeds"), default=3, metavar="N", help="seeds 0..N-1, each in both arms (default 3)"
+    )
+    parser.add_argument(
+        "--max-epochs",
+        type=_positive("--max-epochs"),
+        default=None,
+        metavar="N",
+        help="epochs per run (default: the configs')",
     )
     parser.add_argument(
         "--config",
@@ -43,12 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", metavar="DIR", help="output folder (default runs/compare/<project>[-<setting>])")
     again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier run of this comparison")
+    again.add_argument(
+        "--resume", action="store_true", help="keep the finished runs of an earlier run of this comparison"
+    )
     again.add_argument("--overwrite", action="store_true", help="delete an earlier comparison in --out first")
     parser.add_argument("--metric", help="primary validation metric (default: the ModelCheckpoint's monitor)")
     parser.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --metric is better")
     parser.add_argument(
-        "--target", type=float, default=None, metavar="X", help="metric value for 'steps to target' (default: within 5%% of the best)"
+        "--target",
+        type=float,
+        default=None,
+        metavar="X",
+        help="metric value for 'steps to target' (default: within 5%% of the best)",
     )
     parser.set_defaults(run=run, accepts_extra=True)
 

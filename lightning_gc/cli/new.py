@@ -23,8 +23,25 @@ from pathlib import Path
 # Names a rendered project's package must not take: it would shadow a module the project imports or a
 # file of its own (`train.py`, the `tests` folder).
 RESERVED_PACKAGE_NAMES = frozenset(
-    {"train", "tests", "configs", "data", "lightning", "lightning_gc", "pytorch_lightning", "torch", "torchmetrics",
-     "jsonargparse", "matplotlib", "numpy", "tensorboard", "mlxtend", "nibabel", "nilearn", "scattertext"}
+    {
+        "train",
+        "tests",
+        "configs",
+        "data",
+        "lightning",
+        "lightning_gc",
+        "pytorch_lightning",
+        "torch",
+        "torchmetrics",
+        "jsonargparse",
+        "matplotlib",
+        "numpy",
+        "tensorboard",
+        "mlxtend",
+        "nibabel",
+        "nilearn",
+        "scattertext",
+    }
 )
 
 
@@ -65,7 +82,9 @@ def templates_root() -> Path:
     for candidate in (package_dir / "_templates", package_dir.parent / "templates"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"no templates found in {package_dir / '_templates'} nor {package_dir.parent / 'templates'}")
+    raise FileNotFoundError(
+        f"no templates found in {package_dir / '_templates'} nor {package_dir.parent / 'templates'}"
+    )
 
 
 def find_templates(root: Path | None = None) -> dict[str, Template]:
@@ -118,7 +137,9 @@ def check_names(names: dict[str, str], project_name: str) -> None:
     package_name, slug = names["package_name"], names["project_slug"]
     problem = None
     if not (package_name.isascii() and package_name.isidentifier()):
-        problem = "which is not a valid Python package name: use letters, digits, '_', '-' or spaces, starting with a letter"
+        problem = (
+            "which is not a valid Python package name: use letters, digits, '_', '-' or spaces, starting with a letter"
+        )
     elif keyword.iskeyword(package_name):
         problem = "which is a Python keyword"
     elif package_name in sys.stdlib_module_names:
@@ -234,5 +255,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     except TemplateError as err:
         print(f"lightning-gc new: error: {err}", file=sys.stderr)
         return 2
-    print(f"Created {project}\nNext: cd {project} and read README.md (train: python train.py fit --config configs/gc.yaml)")
+    print(
+        f"Created {project}\nNext: cd {project} and read README.md (train: python train.py fit --config configs/gc.yaml)"
+    )
     return 0

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 import lightning_gc
 from lightning_gc.compare.output import prepare_output
@@ -18,7 +18,7 @@ from lightning_gc.compare.progress import Progress
 from lightning_gc.compare.project import ARMS, MODES, Project, ProjectError, load_project, resolve_project_dir
 from lightning_gc.compare.report import markdown, write_runs_csv, write_summary_csv
 from lightning_gc.compare.runner import LOG_FILE, execute, load_record, plans
-from lightning_gc.compare.summary import FAILED, FINISHED, DIVERGED, Summary, summarize
+from lightning_gc.compare.summary import DIVERGED, FAILED, FINISHED, Summary, summarize
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,14 @@ class CompareOptions:
 
     project: str
     seeds: int = 3
-    max_epochs: Optional[int] = None
+    max_epochs: int | None = None
     configs: tuple[str, ...] = ()
-    out: Optional[str] = None
+    out: str | None = None
     resume: bool = False
     overwrite: bool = False
-    metric: Optional[str] = None
-    mode: Optional[str] = None
-    target: Optional[float] = None
+    metric: str | None = None
+    mode: str | None = None
+    target: float | None = None
     lightning_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -94,7 +94,7 @@ class ComparisonResult:
         return sum(a.count(FAILED) for a in self.summary.arms.values())
 
 
-def run_comparison(options: CompareOptions, stream: Optional[TextIO] = None) -> ComparisonResult:
+def run_comparison(options: CompareOptions, stream: TextIO | None = None) -> ComparisonResult:
     """Run ``options``'s comparison, print progress and the summary to ``stream``, write the outputs.
 
     Writes ``OUT/summary.md``, ``OUT/summary.csv`` (per arm and measure), ``OUT/runs.csv`` (per run) and

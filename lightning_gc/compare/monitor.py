@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -46,11 +46,11 @@ class RunMonitor(Callback):
 
     def __init__(
         self,
-        status_file: Optional[str] = None,
+        status_file: str | None = None,
         loss: str = "train/loss",
-        arm: Optional[str] = None,
-        seed: Optional[int] = None,
-        metrics: Optional[list[str]] = None,
+        arm: str | None = None,
+        seed: int | None = None,
+        metrics: list[str] | None = None,
         interval: float = 0.5,
     ) -> None:
         if not (isinstance(interval, (int, float)) and interval >= 0):
@@ -61,10 +61,10 @@ class RunMonitor(Callback):
         self.seed = seed
         self.metrics = list(metrics or [])
         self.interval = float(interval)
-        self.diverged_at_step: Optional[int] = None
+        self.diverged_at_step: int | None = None
         self._last_write = -math.inf
         self._batch_step = 0
-        self._total_steps: Optional[int] = None
+        self._total_steps: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # This callback logs the hparams itself, once, with the comparison's tags (see `on_fit_start`).
@@ -83,7 +83,9 @@ class RunMonitor(Callback):
         self._total_steps = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
         self._write(trainer, "running", force=True)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch_step = trainer.global_step  # the step this batch's metrics are logged at
 
     def on_train_batch_end(
@@ -128,7 +130,11 @@ class RunMonitor(Callback):
 
     def _write(self, trainer: pl.Trainer, state: str, force: bool = False) -> None:
         now = time.monotonic()
-        if self.status_file is None or not trainer.is_global_zero or (not force and now - self._last_write < self.interval):
+        if (
+            self.status_file is None
+            or not trainer.is_global_zero
+            or (not force and now - self._last_write < self.interval)
+        ):
             return
         self._last_write = now
         status = {
@@ -145,7 +151,7 @@ class RunMonitor(Callback):
         os.replace(tmp, self.status_file)
 
 
-def _tensorboard(trainer: pl.Trainer) -> Optional[TensorBoardLogger]:
+def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 

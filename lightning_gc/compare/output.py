@@ -33,7 +33,9 @@ def prepare_output(out: Path, settings: dict[str, Any], resume: bool = False, ov
     manifest = out / MANIFEST
     if out.is_dir() and any(out.iterdir()):
         if not manifest.is_file():
-            raise ProjectError(f"`--out` {out} is not empty and holds no comparison ({MANIFEST}); choose another folder")
+            raise ProjectError(
+                f"`--out` {out} is not empty and holds no comparison ({MANIFEST}); choose another folder"
+            )
         if overwrite:
             shutil.rmtree(out)
         elif resume:

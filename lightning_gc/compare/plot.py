@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class Curve(NamedTuple):
         return np.maximum(self.mean - self.std, self.low), np.minimum(self.mean + self.std, self.high)
 
 
-def mean_curve(curves: list[Series]) -> Optional[Curve]:
+def mean_curve(curves: list[Series]) -> Curve | None:
     """The mean curve of several runs' curves of one tag, with their spread.
 
     The runs of a comparison log at the same steps; where they do not, each curve is linearly interpolated

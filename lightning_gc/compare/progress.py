@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 from lightning_gc.compare.summary import DIVERGED, FAILED, RunRecord
 
@@ -29,14 +29,14 @@ class Progress:
         0.25
     """
 
-    def __init__(self, total: int, stream: Optional[TextIO] = None, tty: Optional[bool] = None) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, tty: bool | None = None) -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
         self.done = 0
         self._run_fraction = 0.0
         self._label = ""
-        self._epoch: Optional[int] = None
+        self._epoch: int | None = None
         self._started = time.monotonic()
         self._run_seconds: list[float] = []
 
@@ -83,12 +83,18 @@ class Progress:
             outcome = f"FAILED (exit code {record.returncode}), see {log_shown}; continuing"
         else:
             outcome = "finished"
-        self._line(f"{self._label}: {outcome} in {record.seconds:.0f} s | comparison {self.fraction:.0%}{self._eta()}", final=True)
+        self._line(
+            f"{self._label}: {outcome} in {record.seconds:.0f} s | comparison {self.fraction:.0%}{self._eta()}",
+            final=True,
+        )
 
     def skip(self, index: int, record: RunRecord) -> None:
         """Run ``index`` is already done (``--resume``)."""
         self.done += 1
-        self._line(f"[{index}/{self.total}] {record.arm} seed_{record.seed}: {record.status} earlier, skipped (--resume)", final=True)
+        self._line(
+            f"[{index}/{self.total}] {record.arm} seed_{record.seed}: {record.status} earlier, skipped (--resume)",
+            final=True,
+        )
 
     def _eta(self) -> str:
         elapsed = time.monotonic() - self._started

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -46,10 +46,10 @@ class Project:
 
 def load_project(
     root: str | os.PathLike,
-    name: Optional[str] = None,
+    name: str | None = None,
     configs: Sequence[str] = (),
-    metric: Optional[str] = None,
-    mode: Optional[str] = None,
+    metric: str | None = None,
+    mode: str | None = None,
 ) -> Project:
     """Check a project folder and read the primary metric from its ``ModelCheckpoint``.
 
@@ -162,7 +162,7 @@ def _check_arms(effective: dict[str, dict[str, Any]], overlays: Sequence[Path]) 
             )
 
 
-def _checkpoint_target(config: dict[str, Any]) -> tuple[Optional[str], str]:
+def _checkpoint_target(config: dict[str, Any]) -> tuple[str | None, str]:
     for callback in _callbacks(config):
         if _class_name(callback) == "ModelCheckpoint":
             init = (callback.get("init_args") or {}) if isinstance(callback, dict) else {}
@@ -170,7 +170,7 @@ def _checkpoint_target(config: dict[str, Any]) -> tuple[Optional[str], str]:
     return None, "min"
 
 
-def _primary_metric(checkpoint: tuple[Optional[str], str], metric: Optional[str], mode: Optional[str]) -> tuple[str, str]:
+def _primary_metric(checkpoint: tuple[str | None, str], metric: str | None, mode: str | None) -> tuple[str, str]:
     monitor, checkpoint_mode = checkpoint
     if metric is None:
         if monitor is None:

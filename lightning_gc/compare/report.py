@@ -60,7 +60,15 @@ def markdown(summary: Summary, title: str, context: Sequence[str] = (), relative
         if two:
             row.append(_signed(aggregates[1].mean - aggregates[0].mean, integer=measure == "steps_to_target"))
         rows.append(row)
-    lines = [f"## {title}", "", *context, "" if context else None, *_table(header, rows), "", *_notes(summary, relative_to)]
+    lines = [
+        f"## {title}",
+        "",
+        *context,
+        "" if context else None,
+        *_table(header, rows),
+        "",
+        *_notes(summary, relative_to),
+    ]
     return "\n".join(line for line in lines if line is not None).rstrip() + "\n"
 
 
@@ -87,7 +95,16 @@ def write_runs_csv(summary: Summary, path: str | os.PathLike) -> None:
                 r = run.record
                 measures = [_num(run.values[m]) for m in MEASURES]
                 writer.writerow(
-                    [r.arm, r.seed, r.status, *measures, _num(r.diverged_at_step), _num(r.returncode), f"{r.seconds:.1f}", r.log]
+                    [
+                        r.arm,
+                        r.seed,
+                        r.status,
+                        *measures,
+                        _num(r.diverged_at_step),
+                        _num(r.returncode),
+                        f"{r.seconds:.1f}",
+                        r.log,
+                    ]
                 )
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lightning_gc.compare.events import read_scalars
 from lightning_gc.compare.progress import Progress
@@ -41,7 +41,7 @@ class RunPlan:
     arm: str
     seed: int
     out: Path
-    max_epochs: Optional[int] = None
+    max_epochs: int | None = None
     lightning_args: tuple[str, ...] = ()
 
     @property
@@ -57,7 +57,9 @@ class RunPlan:
             "status_file": str(self.run_dir / STATUS_FILE),
             "arm": self.arm,
             "seed": str(self.seed),
-            "metrics": json.dumps([self.project.metric, "val/loss"] if self.project.metric != "val/loss" else ["val/loss"]),
+            "metrics": json.dumps(
+                [self.project.metric, "val/loss"] if self.project.metric != "val/loss" else ["val/loss"]
+            ),
         }
         return [
             python, "train.py", "fit", *configs,
@@ -111,7 +113,7 @@ def execute(plan: RunPlan, progress: Progress, poll_seconds: float = 0.5) -> Run
     return _save(record)
 
 
-def load_record(run_dir: Path) -> Optional[RunRecord]:
+def load_record(run_dir: Path) -> RunRecord | None:
     """The record of a run an earlier invocation finished, or ``None``; paths point into ``run_dir`` (the
     output folder may have moved since)."""
     try:
@@ -127,14 +129,14 @@ def _save(record: RunRecord) -> RunRecord:
     return record
 
 
-def _read_status(path: Path) -> Optional[dict[str, Any]]:
+def _read_status(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _first_non_finite(run_dir: Path) -> Optional[int]:
+def _first_non_finite(run_dir: Path) -> int | None:
     """Divergence seen in the event files, for runs the monitor could not stop (e.g. it was not loaded)."""
     loss = read_scalars(run_dir).get(TRAIN_LOSS)
     if loss is None:
@@ -154,7 +156,13 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
         process.wait()
 
 
-def plans(project: Project, seeds: Sequence[int], out: Path, max_epochs: Optional[int], lightning_args: Sequence[str]) -> list[RunPlan]:
+def plans(
+    project: Project, seeds: Sequence[int], out: Path, max_epochs: int | None, lightning_args: Sequence[str]
+) -> list[RunPlan]:
     """Every run of the comparison, seed by seed, baseline then GC, so that an interrupted comparison has
     both arms of the seeds it finished."""
-    return [RunPlan(project, arm, seed, out, max_epochs, tuple(lightning_args)) for seed in seeds for arm in ("baseline", "gc")]
+    return [
+        RunPlan(project, arm, seed, out, max_epochs, tuple(lightning_args))
+        for seed in seeds
+        for arm in ("baseline", "gc")
+    ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -30,7 +29,7 @@ def best_value(values: Sequence[float], mode: str) -> float:
     return float(finite.max() if mode == "max" else finite.min())
 
 
-def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float, mode: str) -> Optional[int]:
+def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float, mode: str) -> int | None:
     """The first logged step whose value reaches ``target`` (``>=`` for ``"max"``, ``<=`` for ``"min"``).
 
     Returns ``None`` if the run never reached it.
@@ -104,7 +103,7 @@ def train_val_gap(
     return float(val_loss[-1]) - float(window.mean())
 
 
-def default_target(best_values: Sequence[float], mode: str, tolerance: float = TARGET_TOLERANCE) -> Optional[float]:
+def default_target(best_values: Sequence[float], mode: str, tolerance: float = TARGET_TOLERANCE) -> float | None:
     """Within ``tolerance`` of the best value any run reached: ``best * (1 - tol)`` for ``"max"``,
     ``best * (1 + tol)`` for ``"min"``. ``None`` when that best value is not positive (a relative target
     would be meaningless then: give one).
@@ -140,7 +139,7 @@ class Aggregate:
     n: int
 
     @classmethod
-    def of(cls, values: Sequence[Optional[float]]) -> Aggregate:
+    def of(cls, values: Sequence[float | None]) -> Aggregate:
         """Aggregate the finite entries of ``values`` (``None`` and ``nan`` mean "not measured")."""
         finite = _finite([math.nan if v is None else v for v in values])
         mean = float(finite.mean()) if len(finite) else math.nan

@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from lightning_gc.compare.events import Series, read_scalars
 from lightning_gc.compare.stats import (
@@ -44,8 +43,8 @@ class RunRecord:
     status: str
     run_dir: Path
     log: Path
-    returncode: Optional[int] = None
-    diverged_at_step: Optional[int] = None
+    returncode: int | None = None
+    diverged_at_step: int | None = None
     seconds: float = 0.0
 
     @property
@@ -59,7 +58,7 @@ class RunMeasures:
     """A run with its measures (``None`` where the curve does not give one) and its scalars."""
 
     record: RunRecord
-    values: dict[str, Optional[float]]
+    values: dict[str, float | None]
     scalars: dict[str, Series] = field(repr=False)
 
 
@@ -89,12 +88,12 @@ class Summary:
 
     metric: str
     mode: str
-    target: Optional[float]
+    target: float | None
     target_given: bool
     arms: dict[str, ArmSummary]
 
 
-def matching_test_metric(metric: str) -> Optional[str]:
+def matching_test_metric(metric: str) -> str | None:
     """The test metric matching a validation metric by the naming convention (``val/acc`` -> ``test/acc``).
 
     Example:
@@ -105,7 +104,7 @@ def matching_test_metric(metric: str) -> Optional[str]:
 
 
 def summarize(
-    records: Sequence[RunRecord], metric: str, mode: str, target: Optional[float] = None, arms: Sequence[str] = ()
+    records: Sequence[RunRecord], metric: str, mode: str, target: float | None = None, arms: Sequence[str] = ()
 ) -> Summary:
     """Read every run's event files and aggregate the measures per arm.
 
@@ -131,7 +130,7 @@ def summarize(
     return Summary(metric, mode, target_used, target is not None, summaries)
 
 
-def measure(scalars: dict[str, Series], metric: str, mode: str, target: Optional[float]) -> dict[str, Optional[float]]:
+def measure(scalars: dict[str, Series], metric: str, mode: str, target: float | None) -> dict[str, float | None]:
     """The measures of one run from its scalars; ``None`` for each one its logs do not give.
 
     * ``final``/``best``: last and best logged value of ``metric``;
@@ -141,7 +140,7 @@ def measure(scalars: dict[str, Series], metric: str, mode: str, target: Optional
     * ``train_val_gap``: :func:`~lightning_gc.compare.stats.train_val_gap` of ``val/loss`` and ``train/loss``;
     * ``test``: the test metric (``val/x`` -> ``test/x``) of the best checkpoint, as ``train.py`` logs it.
     """
-    values: dict[str, Optional[float]] = dict.fromkeys(MEASURES)
+    values: dict[str, float | None] = dict.fromkeys(MEASURES)
     if metric in scalars and len(scalars[metric]):
         series = scalars[metric]
         values["final"] = series.last

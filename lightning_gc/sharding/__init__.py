@@ -12,7 +12,8 @@ gets an adapter module here. A layout no adapter handles is refused by :mod:`~li
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from lightning_gc.sharding.guard import UnsupportedGradientLayoutError, check_dense_gradient
 

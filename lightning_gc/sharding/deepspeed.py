@@ -123,7 +123,9 @@ class ZeroPlan:
         return [t for g in self.groups for t in g.targets]
 
     @classmethod
-    def for_engine(cls, engine: Any, module: nn.Module, config: GCConfig, warn: Warn, strategy_name: str = "") -> ZeroPlan:
+    def for_engine(
+        cls, engine: Any, module: nn.Module, config: GCConfig, warn: Warn, strategy_name: str = ""
+    ) -> ZeroPlan:
         """Plan for the parameters of ``engine``'s ZeRO optimizer (owners looked up in ``module``).
 
         Collective: exchanges every rank's fragment ranges once.
@@ -149,7 +151,15 @@ class ZeroPlan:
                 names.append(name)
                 layout = selector.layout_for(Owner(name, owner, attr), param.ndim)
                 if layout is not None and param.requires_grad:
-                    chosen.append((param, name, FlatRows(tuple(param.shape), tuple(param.stride()), layout, config.mode), decay, index))
+                    chosen.append(
+                        (
+                            param,
+                            name,
+                            FlatRows(tuple(param.shape), tuple(param.stride()), layout, config.mode),
+                            decay,
+                            index,
+                        )
+                    )
         selector.track_names(names)
         _warn_about_selection(selector, chosen, f"DeepSpeed {type(zero.optimizer).__name__} optimizer", warn)  # type: ignore[arg-type]
         groups: dict[int, ReduceGroup] = {}

@@ -146,12 +146,20 @@ class RowSlice:
     def sums(self, flat: Tensor, dtype: torch.dtype) -> Tensor:
         """Per local row, the sum of ``flat``'s entries (the slice's values), accumulated in ``dtype``."""
         if self._ids is not None:
-            return torch.zeros(self.local_rows, dtype=dtype, device=flat.device).index_add_(0, self._ids, flat.to(dtype))
+            return torch.zeros(self.local_rows, dtype=dtype, device=flat.device).index_add_(
+                0, self._ids, flat.to(dtype)
+            )
         if self.local_rows == 1:
             return flat.sum(dtype=dtype).reshape(1)
         head, tail = self._head, self._tail
         middle = flat[head : self.numel - tail].view(-1, self.rows.row_numel)
-        return torch.cat([flat[:head].sum(dtype=dtype).reshape(1), middle.sum(dim=1, dtype=dtype), flat[self.numel - tail :].sum(dtype=dtype).reshape(1)])
+        return torch.cat(
+            [
+                flat[:head].sum(dtype=dtype).reshape(1),
+                middle.sum(dim=1, dtype=dtype),
+                flat[self.numel - tail :].sum(dtype=dtype).reshape(1),
+            ]
+        )
 
     def subtract_(self, flat: Tensor, values: Tensor) -> None:
         """Subtract ``values[i]`` from every entry of local row ``i`` of ``flat``, in place."""

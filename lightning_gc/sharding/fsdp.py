@@ -54,7 +54,13 @@ FLAT_PARAM_METADATA: tuple[str, ...] = (
     "_shard_param_infos",
     "_sharded_size",
 )
-_SHARD_PARAM_INFO_FIELDS = ("in_shard", "offset_in_shard", "numel_in_shard", "intra_param_start_idx", "intra_param_end_idx")
+_SHARD_PARAM_INFO_FIELDS = (
+    "in_shard",
+    "offset_in_shard",
+    "numel_in_shard",
+    "intra_param_start_idx",
+    "intra_param_end_idx",
+)
 
 
 @dataclass(frozen=True)
@@ -298,7 +304,9 @@ def _target(handle: Any, index: int, orig: nn.Parameter | None, name: str, rows:
     lo = max(start, rank * shard_numel) - start
     hi = min(start + rows.numel, (rank + 1) * shard_numel) - start
     info = flat_param._shard_param_infos[index]
-    expected = (True, lo + start - rank * shard_numel, hi - lo, lo, hi - 1) if lo < hi else (False, None, None, None, None)
+    expected = (
+        (True, lo + start - rank * shard_numel, hi - lo, lo, hi - 1) if lo < hi else (False, None, None, None, None)
+    )
     if tuple(info) != expected:
         raise UnsupportedGradientLayoutError(
             f"GradientCentralization: FSDP's shard metadata for `{name}` ({tuple(info)}) differs from the layout"

@@ -92,7 +92,9 @@ class ReduceGroup:
             row_numels += [target.rows.row_numel] * len(target.cut_rows)
         for target in self.targets:
             if target.decay:
-                target.weight_slots = self.grad_slots + torch.arange(self.weight_slots, self.weight_slots + len(target.cut_rows))
+                target.weight_slots = self.grad_slots + torch.arange(
+                    self.weight_slots, self.weight_slots + len(target.cut_rows)
+                )
                 self.weight_slots += len(target.cut_rows)
         self.slot_row_numel = torch.tensor(row_numels, dtype=self.dtype, device=self.device)
         for target in self.targets:
@@ -112,7 +114,9 @@ class ReduceGroup:
         """
         live = [(t, g) for t in self.targets if (g := t.grad()) is not None]
         sums = [t.piece.sums(g, self.dtype) for t, g in live]  # type: ignore[union-attr]
-        weight_sums = {id(t): t.piece.sums(w, self.dtype) for t in self.targets if t.decay and (w := t.weight()) is not None}  # type: ignore[union-attr]
+        weight_sums = {
+            id(t): t.piece.sums(w, self.dtype) for t in self.targets if t.decay and (w := t.weight()) is not None
+        }  # type: ignore[union-attr]
         grad_sq = removed_local = None
         if compute_stats:
             grad_sq, removed_local = self._local_stats(live, sums)
@@ -120,7 +124,9 @@ class ReduceGroup:
         for (target, grad), row_sums in zip(live, sums):
             mean = self._global(target, row_sums, target.grad_slots, reduced) / target.rows.row_numel
             if target.decay:
-                weight_mean = self._global(target, weight_sums[id(target)], target.weight_slots, reduced) / target.rows.row_numel
+                weight_mean = (
+                    self._global(target, weight_sums[id(target)], target.weight_slots, reduced) / target.rows.row_numel
+                )
                 mean = mean + (target.decay * grad_scale) * weight_mean
             target.piece.subtract_(grad, mean.to(grad.device))  # type: ignore[union-attr]
         if not compute_stats:
@@ -174,7 +180,9 @@ class ReduceGroup:
         """``row_sums`` with the cut rows' local partial sums replaced by their all-reduced totals."""
         if reduced is None or not slots.numel():
             return row_sums
-        return row_sums.index_copy(0, target.local_cut.to(row_sums.device), reduced.index_select(0, slots).to(row_sums.device))
+        return row_sums.index_copy(
+            0, target.local_cut.to(row_sums.device), reduced.index_select(0, slots).to(row_sums.device)
+        )
 
 
 def _localize_slots(target: PieceTarget, device: torch.device) -> None:

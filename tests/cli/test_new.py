@@ -40,8 +40,17 @@ def test_render_with_a_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     project = tmp_path / "proj"
     assert "Created" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # no temporary folder left beside it
-    for path in ("train.py", "README.md", ".gitignore", "configs/gc.yaml", "configs/baseline.yaml",
-                 "configs/settings/high_lr.yaml", "my_digits/model.py", "my_digits/data.py", "tests/test_smoke.py"):
+    for path in (
+        "train.py",
+        "README.md",
+        ".gitignore",
+        "configs/gc.yaml",
+        "configs/baseline.yaml",
+        "configs/settings/high_lr.yaml",
+        "my_digits/model.py",
+        "my_digits/data.py",
+        "tests/test_smoke.py",
+    ):
         assert (project / path).is_file(), path
     assert 'name = "my-digits"' in (project / "pyproject.toml").read_text()
     assert "from my_digits import" in (project / "train.py").read_text()
@@ -76,8 +85,9 @@ def test_missing_parents_are_created(tmp_path: Path) -> None:
         (" digits", "pip cannot install"),
     ],
 )
-def test_invalid_project_names_are_refused(name: str, reason: str, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_invalid_project_names_are_refused(
+    name: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["new", "digits-cnn", str(tmp_path / "x" / "proj"), "--name", name]) == 2
     err = capsys.readouterr().err
     assert reason in err and repr(name) in err
@@ -118,8 +128,21 @@ def test_a_failure_while_rendering_leaves_nothing(tmp_path: Path, monkeypatch: p
 @pytest.mark.slow
 def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     """Build the wheel, install it alone into a fresh venv, and render from there, outside the source tree."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(REPO)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        check=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("lightning_gc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for template in TEMPLATES:
@@ -128,19 +151,25 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q", "--no-deps",
-                    str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(bin_dir / "python"), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+    )
     # The dependencies come from this interpreter's site-packages: a plain path entry, so that the editable
     # install of lightning_gc (a .pth hook there) stays invisible and the wheel's copy is the one imported.
     site = next(env_dir.glob("lib/python*/site-packages"), env_dir / "Lib" / "site-packages")
     deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "cookiecutter").is_dir())
     (site / "dependencies.pth").write_text(f"{deps}\n")
     run = {"cwd": tmp_path, "capture_output": True, "text": True, "check": True}
-    where = subprocess.run([str(bin_dir / "python"), "-c", "import lightning_gc.cli.new as n; print(n.templates_root())"],
-                           **run).stdout.strip()
+    where = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import lightning_gc.cli.new as n; print(n.templates_root())"], **run
+    ).stdout.strip()
     assert Path(where) == site / "lightning_gc" / "_templates"
-    native = subprocess.run([str(bin_dir / "python"), "-c", "import lightning_gc.native as n; print(n.status())"],
-                            env={**os.environ, "LIGHTNING_GC_CACHE_DIR": str(tmp_path / "kernels")}, **run).stdout
+    native = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import lightning_gc.native as n; print(n.status())"],
+        env={**os.environ, "LIGHTNING_GC_CACHE_DIR": str(tmp_path / "kernels")},
+        **run,
+    ).stdout
     assert "available=True" in native, native
     listing = subprocess.run([str(bin_dir / "lightning-gc"), "new", "--list"], **run).stdout
     assert [line.split()[0] for line in listing.splitlines()] == [t.name for t in TEMPLATES]

@@ -5,12 +5,11 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from clean_exit import CleanDistributedExit
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader, TensorDataset
-
-from clean_exit import CleanDistributedExit
 
 from lightning_gc.compare import RunMonitor
 
@@ -63,7 +62,14 @@ def test_a_non_finite_loss_stops_the_run_after_that_batch(tmp_path):
 def test_a_finite_run_reports_progress_and_tags_its_hparams(tmp_path):
     trainer, status = _fit(tmp_path, Regression(lr=0.02), max_epochs=2)
     assert trainer.global_step == 8
-    assert status == {"state": "fit_done", "epoch": 2, "max_epochs": 2, "step": 8, "total_steps": 8, "diverged_at_step": None}
+    assert status == {
+        "state": "fit_done",
+        "epoch": 2,
+        "max_epochs": 2,
+        "step": 8,
+        "total_steps": 8,
+        "diverged_at_step": None,
+    }
     accumulator = EventAccumulator(str(tmp_path / "seed_7"))
     accumulator.Reload()
     content = accumulator.SummaryMetadata("_hparams_/session_start_info").plugin_data.content

@@ -48,12 +48,18 @@ def test_plot_writes_a_png_with_a_diverged_run(tmp_path, monkeypatch):
         run_dir = tmp_path / arm / f"seed_{seed}"
         writer = SummaryWriter(str(run_dir))
         for step in range(10):
-            loss = float("nan") if status == DIVERGED and step > 6 else 1.0 / (step + 1) * (1e6 if step > 4 and status == DIVERGED else 1)
+            loss = (
+                float("nan")
+                if status == DIVERGED and step > 6
+                else 1.0 / (step + 1) * (1e6 if step > 4 and status == DIVERGED else 1)
+            )
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("gc/removed_norm_ratio", 0.3, step) if arm == "gc" else None
         writer.add_scalar("val/acc", 0.5, 9)
         writer.close()
-        records.append(RunRecord(arm, seed, status, run_dir, run_dir / "train.log", 0, 7 if status == DIVERGED else None))
+        records.append(
+            RunRecord(arm, seed, status, run_dir, run_dir / "train.log", 0, 7 if status == DIVERGED else None)
+        )
     plot_curves(summarize(records, "val/acc", "max"), tmp_path / "curves.png", title="t")
     data = (tmp_path / "curves.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -24,7 +24,9 @@ def test_progress_names_the_run_and_the_share_of_the_whole_comparison():
     assert lines[1] == "[2/4] gc seed_0: starting"
     assert lines[2].startswith("[2/4] gc seed_0: epoch 1/2, step 3/10 | comparison 32%")
     assert lines[3].startswith("[2/4] gc seed_0: epoch 2/2, step 5/10 | comparison 38%")
-    assert lines[4].startswith("[2/4] gc seed_0: DIVERGED at step 5 (non-finite loss), stopped early in 12 s | comparison 50%")
+    assert lines[4].startswith(
+        "[2/4] gc seed_0: DIVERGED at step 5 (non-finite loss), stopped early in 12 s | comparison 50%"
+    )
     assert "~0:00:24 left" in lines[4]  # 2 runs to go at 12 s each
     assert lines[6].startswith("[3/4] baseline seed_1: FAILED (exit code 1), see b1/train.log; continuing")
     assert len(lines) == 7

@@ -38,7 +38,10 @@ def test_metric_and_mode_can_be_overridden(project):
 def test_a_setting_config_is_found_in_the_project_and_applied_after_the_arm(project):
     loaded = load_project(project, configs=["configs/settings/huge_lr.yaml"])
     assert loaded.overlays == (project / "configs" / "settings" / "huge_lr.yaml",)
-    with pytest.raises(ProjectError, match=r"`--config` 'configs/settings/nope.yaml' not found.*settings available: configs/settings/huge_lr.yaml"):
+    with pytest.raises(
+        ProjectError,
+        match=r"`--config` 'configs/settings/nope.yaml' not found.*settings available: configs/settings/huge_lr.yaml",
+    ):
         load_project(project, configs=["configs/settings/nope.yaml"])
 
 
@@ -63,25 +66,37 @@ def test_a_setting_that_replaces_the_callbacks_is_seen(project):
     setting.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/acc", "mode": "max"}}
     ]}}))  # fmt: skip
-    with pytest.raises(ProjectError, match=r"configs/gc.yaml \(after .*plain.yaml\) has no lightning_gc.GradientCentralization"):
+    with pytest.raises(
+        ProjectError, match=r"configs/gc.yaml \(after .*plain.yaml\) has no lightning_gc.GradientCentralization"
+    ):
         load_project(project, configs=["configs/settings/plain.yaml"])
 
 
 def test_baseline_with_the_callback_is_refused(project):
     shutil.copy(project / "configs" / "gc.yaml", project / "configs" / "baseline.yaml")
-    with pytest.raises(ProjectError, match="configs/baseline.yaml has the lightning_gc.GradientCentralization callback"):
+    with pytest.raises(
+        ProjectError, match="configs/baseline.yaml has the lightning_gc.GradientCentralization callback"
+    ):
         load_project(project)
 
 
 def test_a_logger_other_than_tensorboard_is_refused(project):
-    _edit(project / "configs" / "baseline.yaml", lambda c: c["trainer"].update(logger={"class_path": "lightning.pytorch.loggers.CSVLogger"}))
-    with pytest.raises(ProjectError, match="configs/baseline.yaml: trainer.logger must be a lightning.pytorch.loggers.TensorBoardLogger"):
+    _edit(
+        project / "configs" / "baseline.yaml",
+        lambda c: c["trainer"].update(logger={"class_path": "lightning.pytorch.loggers.CSVLogger"}),
+    )
+    with pytest.raises(
+        ProjectError,
+        match="configs/baseline.yaml: trainer.logger must be a lightning.pytorch.loggers.TensorBoardLogger",
+    ):
         load_project(project)
 
 
 def test_no_monitor_needs_metric_and_mode(project):
     def drop_monitor(config):
-        config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
+        config["trainer"]["callbacks"] = [
+            c for c in config["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]
+        ]
 
     for arm in ("gc", "baseline"):
         _edit(project / "configs" / f"{arm}.yaml", drop_monitor)

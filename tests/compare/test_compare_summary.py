@@ -48,7 +48,9 @@ def records(tmp_path):
         if val_acc is not None:
             _write_run(run_dir, val_acc, finite=status != DIVERGED)
         diverged_at = 15 if status == DIVERGED else None
-        out.append(RunRecord(arm, seed, status, run_dir, run_dir / "train.log", 0 if status != FAILED else 1, diverged_at))
+        out.append(
+            RunRecord(arm, seed, status, run_dir, run_dir / "train.log", 0 if status != FAILED else 1, diverged_at)
+        )
     return out
 
 

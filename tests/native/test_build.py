@@ -116,7 +116,9 @@ def test_processes_building_at_once_all_load_a_whole_library(cache):
         pytest.skip("no C compiler here")
     code = "import lightning_gc.native as n; s = n.status(); assert s.available, s.reason; print(s.library)"
     env = {**__import__("os").environ, native.ENV_CACHE: str(cache)}
-    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
     outputs = [run.communicate(timeout=120)[0].strip() for run in runs]
     assert all(run.returncode == 0 for run in runs)
     assert len(set(outputs)) == 1
@@ -131,7 +133,9 @@ def test_an_unwritable_cache_is_reported_with_the_variable_to_set(cache, monkeyp
     monkeypatch.setenv(native.ENV_CACHE, str(blocker / "kernels"))
     status = native.status()
     assert not status.available
-    assert f"cannot create the kernel cache {blocker / 'kernels'}" in status.reason and native.ENV_CACHE in status.reason
+    assert (
+        f"cannot create the kernel cache {blocker / 'kernels'}" in status.reason and native.ENV_CACHE in status.reason
+    )
 
 
 def test_without_openmp_the_kernel_runs_its_own_threads(cache, monkeypatch):

@@ -34,7 +34,9 @@ def main(out_dir: str, configs_json: str) -> None:
     results: dict[str, Any] = {}
     for config in json.loads(configs_json):
         logger = MemoryLogger()
-        gc = GradientCentralization(mode=config.get("mode", "channel"), centralize_weight_decay=bool(config.get("weight_decay")))
+        gc = GradientCentralization(
+            mode=config.get("mode", "channel"), centralize_weight_decay=bool(config.get("weight_decay"))
+        )
         recorders = [_FullGradRecorder(), _FullGradRecorder()]
         trainer = pl.Trainer(
             accelerator="cpu",

@@ -7,6 +7,7 @@ put output channels in dim 1, so their rows interleave in the flat layout.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor, nn
 
@@ -114,7 +115,9 @@ def reference_run(
             removed_sq += (p.grad - gc_reference(name, p.grad, module, mode)).square().sum().item()
             decayed = p.grad + weight_decay * p.detach()
             p.grad = gc_reference(name, decayed, module, mode) - weight_decay * p.detach()
-        stats.append({"grad_norm": math.sqrt(grad_sq), "removed_norm_ratio": math.sqrt(removed_sq / grad_sq) if gc else 0.0})
+        stats.append(
+            {"grad_norm": math.sqrt(grad_sq), "removed_norm_ratio": math.sqrt(removed_sq / grad_sq) if gc else 0.0}
+        )
         opt.step()
     return {n: p.detach().clone() for n, p in net.named_parameters()}, stats
 

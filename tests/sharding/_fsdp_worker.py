@@ -98,7 +98,9 @@ def _functional_run(case: Any, config: dict[str, Any], rank: int) -> dict[str, A
         stats = centralize_gradients(
             model, optimizer=optimizer, centralize_weight_decay=bool(config.get("weight_decay")), compute_stats=True
         )
-        metrics.append({"gc/grad_norm": float(stats.grad_norm), "gc/removed_norm_ratio": float(stats.removed_norm_ratio)})
+        metrics.append(
+            {"gc/grad_norm": float(stats.grad_norm), "gc/removed_norm_ratio": float(stats.removed_norm_ratio)}
+        )
         optimizer.step()
         optimizer.zero_grad()
     return {"params": _full_params(model), "metrics": metrics}
@@ -198,10 +200,7 @@ def _full_params(model: Any) -> dict[str, torch.Tensor]:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-        params = {
-            _clean(name): p.detach().double().clone()
-            for name, p in model.named_parameters()
-        }
+        params = {_clean(name): p.detach().double().clone() for name, p in model.named_parameters()}
     return params
 
 

@@ -102,6 +102,7 @@ def lit_net(case: Any, config: dict[str, Any]) -> Any:
     Built lazily so that importing this file needs no Lightning.
     """
     import lightning.pytorch as pl
+    import torch
 
     class LitNet(pl.LightningModule):
         def __init__(self) -> None:
@@ -113,7 +114,8 @@ def lit_net(case: Any, config: dict[str, Any]) -> Any:
             return case.loss_fn(self.net(x), y)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return case.make_optimizer(self.parameters(), config.get("optimizer", "sgd"), config.get("weight_decay", 0.0))
+            return case.make_optimizer(
+                self.parameters(), config.get("optimizer", "sgd"), config.get("weight_decay", 0.0)
+            )
 
     return LitNet()
-

@@ -12,7 +12,8 @@ import os
 import queue
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -55,10 +56,10 @@ class DistPool:
                 if not ok:  # the other ranks may be stuck in a collective: give them a moment, then give up
                     self._drain(outcomes, patience=10.0)
                     break
-        except queue.Empty:
+        except queue.Empty as err:
             self.broken = True
             missing = sorted(set(range(self.world_size)) - set(outcomes))
-            raise TimeoutError(f"{fn.__name__} did not finish on ranks {missing}")
+            raise TimeoutError(f"{fn.__name__} did not finish on ranks {missing}") from err
         failures = {r: v for r, (ok, v) in outcomes.items() if not ok}
         if failures or len(outcomes) < self.world_size:
             self.broken = True
@@ -124,7 +125,7 @@ def _serve(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> N
             fn, args = task
             try:
                 results.put((rank, True, fn(*args)))
-            except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+            except BaseException:
                 results.put((rank, False, traceback.format_exc()))
     finally:
         dist.destroy_process_group()

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _fsdp_case as case  # noqa: E402
-from _multiprocess import launch  # noqa: E402
+import _fsdp_case as case
+from _multiprocess import launch
 
-from lightning_gc.sharding import adapter_for  # noqa: E402
-from lightning_gc.sharding.deepspeed import check_zero_stage, zero_stage  # noqa: E402
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError  # noqa: E402
+from lightning_gc.sharding import adapter_for
+from lightning_gc.sharding.deepspeed import check_zero_stage, zero_stage
+from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
 
 CONFIGS: list[dict[str, Any]] = [
     {"name": "zero1", "stage": 1},
@@ -46,7 +46,9 @@ def _ids(configs: list[dict[str, Any]]) -> list[str]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'lightning-gc[deepspeed]'")
     out = tmp_path_factory.mktemp("deepspeed")
-    launch(Path(__file__).parent / "_deepspeed_worker.py", [str(out), json.dumps([*CONFIGS, DRIFTING])], world=case.WORLD)
+    launch(
+        Path(__file__).parent / "_deepspeed_worker.py", [str(out), json.dumps([*CONFIGS, DRIFTING])], world=case.WORLD
+    )
     return [torch.load(out / f"rank{r}.pt") for r in range(case.WORLD)]
 
 
@@ -77,7 +79,9 @@ def test_parameters_match_float64_reference(runs: list[dict[str, Any]], config: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids(CONFIGS))
-def test_centralized_gradient_is_exact_gc_of_deepspeed_gradient(runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
+def test_centralized_gradient_is_exact_gc_of_deepspeed_gradient(
+    runs: list[dict[str, Any]], config: dict[str, Any]
+) -> None:
     """At each accumulation boundary, DeepSpeed's assembled gradient after the hook is GC of the one before."""
     result = runs[0][config["name"]]
     owners = case.owners()
@@ -87,7 +91,9 @@ def test_centralized_gradient_is_exact_gc_of_deepspeed_gradient(runs: list[dict[
         for name, before in pre.items():
             expected, w = before, weights[name]
             if before.ndim >= 2:
-                expected = case.gc_reference(name, before + decay * w, owners[name], config.get("mode", "channel")) - decay * w
+                expected = (
+                    case.gc_reference(name, before + decay * w, owners[name], config.get("mode", "channel")) - decay * w
+                )
             scale = (before.abs() + decay * w.abs()).max()  # the compensation is part of what is subtracted
             tol = 8e-3 if _bf16(config) else 1e-6  # bf16 fragments: the result is rounded to bf16
             assert (post[name] - expected).abs().max() <= tol * scale, f"{config['name']}: {name}"
@@ -95,7 +101,9 @@ def test_centralized_gradient_is_exact_gc_of_deepspeed_gradient(runs: list[dict[
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids(CONFIGS))
-def test_diagnostics_are_global_identical_and_only_at_boundaries(runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
+def test_diagnostics_are_global_identical_and_only_at_boundaries(
+    runs: list[dict[str, Any]], config: dict[str, Any]
+) -> None:
     """Lightning calls the hook on every micro-batch under DeepSpeed; GC runs, is logged and counted at boundaries only."""
     _, expected = _reference(config)
     per_rank = [r[config["name"]]["metrics"] for r in runs]
@@ -140,7 +148,7 @@ def test_partition_boundaries_cut_rows(runs: list[dict[str, Any]]) -> None:
 
 
 def _fake_strategy(stage: int | None) -> Any:
-    DeepSpeedStrategy = type("DeepSpeedStrategy", (), {})  # noqa: N806  (matched by class name, like Lightning's)
+    DeepSpeedStrategy = type("DeepSpeedStrategy", (), {})
     strategy = DeepSpeedStrategy()
     strategy.config = {} if stage is None else {"zero_optimization": {"stage": stage}}
     return strategy

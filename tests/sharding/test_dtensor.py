@@ -89,9 +89,7 @@ def test_fsdp2_training_with_accumulation_and_decay_matches_float64_reference(ra
 
 @pytest.mark.slow
 def test_tensor_parallel_training_with_accumulation_and_decay_matches_float64_reference(ranks):
-    run = Run(
-        "tp", accumulate=2, weight_decay=0.05, gc_kwargs={"centralize_weight_decay": True, "exclude_modules": []}
-    )
+    run = Run("tp", accumulate=2, weight_decay=0.05, gc_kwargs={"centralize_weight_decay": True, "exclude_modules": []})
     results = ranks.run(fit, run)
     placements = results[0]["grad_placements"]
     assert placements["fc2.weight"] == placements["fc4.weight"] == "(Shard(dim=1),)"  # columns split: rows reduced

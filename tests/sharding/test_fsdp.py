@@ -18,17 +18,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _fsdp_case as case  # noqa: E402
-from _multiprocess import launch  # noqa: E402
+import _fsdp_case as case
+from _multiprocess import launch
 
-from lightning_gc.sharding import adapter_for  # noqa: E402
-from lightning_gc.sharding.fsdp import (  # noqa: E402
+from lightning_gc.sharding import adapter_for
+from lightning_gc.sharding.fsdp import (
     TESTED_TORCH_VERSIONS,
     FSDPAdapter,
     check_flat_param_metadata,
     torch_version_tested,
 )
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError  # noqa: E402
+from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
 
 CONFIGS: list[dict[str, Any]] = [
     {"name": "full_shard-orig-wrapped", "wrap": True},
@@ -42,12 +42,25 @@ CONFIGS: list[dict[str, Any]] = [
     {"name": "tensor_mode-orig-wrapped", "mode": "tensor", "wrap": True},
     {"name": "adam_decay-orig-wrapped", "optimizer": "adam", "weight_decay": 0.1, "wrap": True},
     {"name": "mp_bf16_fp32reduce-orig-wrapped", "mixed_precision": ["bfloat16", "float32"], "wrap": True},
-    {"name": "mp_bf16_bf16reduce-flat-decay", "mixed_precision": ["bfloat16", "bfloat16"], "use_orig_params": False, "wrap": True, "weight_decay": 0.1},
+    {
+        "name": "mp_bf16_bf16reduce-flat-decay",
+        "mixed_precision": ["bfloat16", "bfloat16"],
+        "use_orig_params": False,
+        "wrap": True,
+        "weight_decay": 0.1,
+    },
     {"name": "bf16_mixed-orig-wrapped", "precision": "bf16-mixed", "wrap": True},
     {"name": "bf16_true-orig-wrapped", "precision": "bf16-true", "wrap": True},
     # Each sharding strategy once more, in low precision and with the other `use_orig_params`.
     {"name": "shard_grad_op-orig-bf16_mixed", "sharding": "SHARD_GRAD_OP", "precision": "bf16-mixed", "wrap": True},
-    {"name": "hybrid_shard-flat-mp_bf16_fp32reduce", "sharding": "HYBRID_SHARD", "mesh": [1, 2], "use_orig_params": False, "mixed_precision": ["bfloat16", "float32"], "wrap": True},
+    {
+        "name": "hybrid_shard-flat-mp_bf16_fp32reduce",
+        "sharding": "HYBRID_SHARD",
+        "mesh": [1, 2],
+        "use_orig_params": False,
+        "mixed_precision": ["bfloat16", "float32"],
+        "wrap": True,
+    },
     {"name": "no_shard-orig-bf16_true", "sharding": "NO_SHARD", "precision": "bf16-true"},
     {"name": "functional-flat-decay", "functional": True, "use_orig_params": False, "wrap": True, "weight_decay": 0.1},
     {"name": "functional-orig-root", "functional": True},
@@ -111,7 +124,9 @@ def test_centralized_gradient_is_exact_gc_of_fsdp_gradient(runs: list[dict[str, 
                 expected = before
             else:
                 w = weights[name]
-                expected = case.gc_reference(name, before + decay * w, owners[name], config.get("mode", "channel")) - decay * w
+                expected = (
+                    case.gc_reference(name, before + decay * w, owners[name], config.get("mode", "channel")) - decay * w
+                )
             scale = (before.abs() + decay * weights[name].abs()).max()  # the compensation is part of what is subtracted
             assert (post[name] - expected).abs().max() <= tol * scale, f"{config['name']}: {name}"
 
@@ -169,8 +184,23 @@ def test_missing_flat_parameter_metadata_raises() -> None:
 
 
 def test_fsdp_with_tensor_parallel_extensions_is_refused() -> None:
-    info = SimpleNamespace(_fields=("in_shard", "offset_in_shard", "numel_in_shard", "intra_param_start_idx", "intra_param_end_idx"))
-    flat = SimpleNamespace(**{a: () for a in ("_numels", "_numels_with_padding", "_is_padding_mask", "_param_infos", "_sharded_size", "_strides", "_shapes")})
+    info = SimpleNamespace(
+        _fields=("in_shard", "offset_in_shard", "numel_in_shard", "intra_param_start_idx", "intra_param_end_idx")
+    )
+    flat = SimpleNamespace(
+        **{
+            a: ()
+            for a in (
+                "_numels",
+                "_numels_with_padding",
+                "_is_padding_mask",
+                "_param_infos",
+                "_sharded_size",
+                "_strides",
+                "_shapes",
+            )
+        }
+    )
     flat._fqns, flat._shard_param_infos, flat._param_extensions = ("w",), (info,), (object(),)
     with pytest.raises(UnsupportedGradientLayoutError, match="ModelParallelStrategy"):
         check_flat_param_metadata(flat)
