@@ -37,6 +37,7 @@ FINAL_STATES = frozenset(
         "REVOKED",
         "SPECIAL_EXIT",
         "TIMEOUT",
+        "NOT_FOUND",  # not SLURM's: the controller, accounting and the job's files all do not know the id
     }
 )
 # variables SLURM sets for the allocation: the job's own values win over the submitting shell's
@@ -87,10 +88,14 @@ class SlurmOptions:
         if not _is_int(self.cpus_per_run) or self.cpus_per_run < 1:
             raise ValueError(f"cpus_per_run must be an integer >= 1, got {self.cpus_per_run!r}")
         if isinstance(self.sbatch_args, str):
-            raise ValueError(f"sbatch_args must be a tuple of '--name=value' or '--flag' strings, got {self.sbatch_args!r}")
+            raise ValueError(
+                f"sbatch_args must be a tuple of '--name=value' or '--flag' strings, got {self.sbatch_args!r}"
+            )
         for arg in self.sbatch_args:
             if not isinstance(arg, str) or not _SBATCH_ARG.match(arg):
-                raise ValueError(f"sbatch_args: each must be '--name=value' or '--flag' (e.g. '--qos=high'), got {arg!r}")
+                raise ValueError(
+                    f"sbatch_args: each must be '--name=value' or '--flag' (e.g. '--qos=high'), got {arg!r}"
+                )
 
     @property
     def sbatch_time_minutes(self) -> int | None:
@@ -171,7 +176,9 @@ class SlurmJob:
     def state(self) -> str:
         """SLURM's state of the job: ``PENDING``, ``RUNNING``, ``COMPLETED``, ``FAILED``, ``CANCELLED``, ...
 
-        ``UNKNOWN`` while neither the controller, the accounting database nor the job's files know it.
+        ``UNKNOWN`` while the controller does not answer; ``NOT_FOUND`` (final) when it answers that it does
+        not know the id and neither the accounting database nor the job's files do (a job that ended before
+        the controller's ``MinJobAge`` on a cluster without accounting, without recording a return code).
         """
         return self._lookup().state
 
@@ -180,8 +187,9 @@ class SlurmJob:
         return self._lookup().state in FINAL_STATES
 
     def returncode(self) -> int | None:
-        """The run's exit code once its command ended; ``None`` before, or when it never ended by itself
-        (cancelled, timed out, its node failed)."""
+        """The run's exit code once its command ended, as :mod:`subprocess` reports it (``-15``: ended by
+        SIGTERM, e.g. from ``scancel``); ``None`` before, or when the task could not record one (killed with
+        its command, its node failed)."""
         recorded = _read_returncode(self.folder, self.job_id)
         if recorded is not None:
             return recorded
@@ -200,13 +208,16 @@ class SlurmJob:
             raise RuntimeError(f"scancel {self.job_id} failed: {result.stderr.strip() or result.stdout.strip()}")
 
     def _lookup(self) -> _JobInfo:
-        info = _scontrol_info(self.job_id) or _sacct_info(self.job_id)
+        live = _scontrol_info(self.job_id)
+        if isinstance(live, _JobInfo):
+            return live
+        info = _sacct_info(self.job_id)
         if info is not None:
             return info
         recorded = _read_returncode(self.folder, self.job_id)
         if recorded is not None:  # left the controller, no accounting: the task's own record says how it ended
             return _JobInfo("COMPLETED" if recorded == 0 else "FAILED", (recorded, 0))
-        return _JobInfo("UNKNOWN", None)
+        return _JobInfo("NOT_FOUND" if live == _UNKNOWN_ID else "UNKNOWN", None)
 
 
 class SlurmLauncher:
@@ -232,7 +243,9 @@ class SlurmLauncher:
         """Submit ``runs`` (one job array; a single job for one run); their jobs, in the same order."""
         keys = [run.key for run in runs]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"runs: keys must be unique, got duplicates {sorted({k for k in keys if keys.count(k) > 1})}")
+            raise ValueError(
+                f"runs: keys must be unique, got duplicates {sorted({k for k in keys if keys.count(k) > 1})}"
+            )
         if not runs:
             return []
         submitit = _import_submitit()
@@ -265,7 +278,9 @@ def run_command(argv: list[str], cwd: str, env: Mapping[str, str], log: str, fol
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         try:
-            code = subprocess.run(argv, cwd=cwd, env=merged, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+            code = subprocess.run(
+                argv, cwd=cwd, env=merged, stdout=out, stderr=subprocess.STDOUT, check=False
+            ).returncode
         except OSError as err:
             out.write(f"could not start {argv[0]!r}: {err}\n".encode())
             code = 127
@@ -281,10 +296,17 @@ class _JobInfo:
     exit_code: tuple[int, int] | None  # (exit code, signal), as SLURM's ExitCode=N:S
 
 
-def _scontrol_info(job_id: str) -> _JobInfo | None:
+_UNKNOWN_ID = "unknown id"
+
+
+def _scontrol_info(job_id: str) -> _JobInfo | str | None:
+    """The controller's record of the job; ``_UNKNOWN_ID`` when it does not know the id; ``None`` when it
+    does not answer."""
     result = _slurm_command(["scontrol", "show", "job", "--oneliner", job_id])
-    if result is None or result.returncode != 0:
+    if result is None:
         return None
+    if result.returncode != 0:
+        return _UNKNOWN_ID if "invalid job id" in (result.stderr + result.stdout).lower() else None
     fields = dict(re.findall(r"(\w+)=(\S*)", _record_of(result.stdout, job_id)))
     if "JobState" not in fields:
         return None
@@ -297,16 +319,16 @@ def _record_of(stdout: str, job_id: str) -> str:
     array_id, _, task = job_id.partition("_")
     for line in lines:
         if (
-            task
-            and re.search(rf"\bArrayJobId={array_id}\b", line)
-            and re.search(rf"\bArrayTaskId={task}\b", line)
+            task and re.search(rf"\bArrayJobId={array_id}\b", line) and re.search(rf"\bArrayTaskId={task}\b", line)
         ) or re.search(rf"\bJobId={job_id}\b", line):
             return line
     return lines[0] if lines else ""
 
 
 def _sacct_info(job_id: str) -> _JobInfo | None:
-    result = _slurm_command(["sacct", "--noheader", "--parsable2", "--allocations", "-o", "JobID,State,ExitCode", "-j", job_id])
+    result = _slurm_command(
+        ["sacct", "--noheader", "--parsable2", "--allocations", "-o", "JobID,State,ExitCode", "-j", job_id]
+    )
     if result is None or result.returncode != 0:
         return None
     for line in result.stdout.splitlines():
