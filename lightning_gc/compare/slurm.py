@@ -146,8 +146,9 @@ class SlurmRun:
         key: unique within the study, e.g. ``"lr=0.1/gc/seed_0"``.
         argv: the command.
         cwd: the folder it runs in.
-        env: its environment, except the variables SLURM sets for the job's allocation (``SLURM_*``,
-            ``CUDA_VISIBLE_DEVICES``, ...), which keep the job's values.
+        env: variables set for the command on top of the job's environment (which sbatch copies from the
+            submitting shell); the variables SLURM sets for the job's allocation (``SLURM_*``,
+            ``CUDA_VISIBLE_DEVICES``, ...) keep the job's values even when ``env`` names them.
         log: the command's stdout and stderr are appended to this file (created with its folder).
     """
 
@@ -270,11 +271,11 @@ class SlurmLauncher:
 
 
 def run_command(argv: list[str], cwd: str, env: Mapping[str, str], log: str, folder: str) -> int:
-    """What each SLURM task runs: ``argv`` in ``cwd`` with ``env``, output appended to ``log``; records the
+    """What each SLURM task runs: ``argv`` in ``cwd`` with ``env`` over the job's environment (see
+    :class:`SlurmRun`), output appended to ``log``; records the
     exit code for :meth:`SlurmJob.returncode` and exits with it, so SLURM's state says FAILED for a
     failed run."""
-    merged = {k: v for k, v in env.items() if not _is_allocation_variable(k)}
-    merged.update({k: v for k, v in os.environ.items() if _is_allocation_variable(k)})
+    merged = {**os.environ, **{k: v for k, v in env.items() if not _is_allocation_variable(k)}}
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         try:

@@ -27,7 +27,7 @@ def _wait(jobs, timeout=WAIT_S, until=lambda job: job.done()):
 
 
 def _python_run(key, code, cwd, log, env=None):
-    return SlurmRun(key, [sys.executable, "-c", code], cwd, dict(os.environ if env is None else env), log)
+    return SlurmRun(key, [sys.executable, "-c", code], cwd, {} if env is None else env, log)
 
 
 def _scontrol(job_id):
@@ -98,13 +98,14 @@ def test_duplicate_keys_and_bad_job_ids_are_refused(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("requires_slurm")
 def test_a_job_array_runs_each_command_in_its_folder_with_its_env_and_log(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIGHTNING_GC_ONLY_IN_SUBMITTER", "1")  # sbatch exports it; the run's env does not have it
-    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_GC_ONLY_IN_SUBMITTER"}
+    monkeypatch.setenv("LIGHTNING_GC_FROM_SUBMITTER", "submitter")  # sbatch copies it into the job
+    monkeypatch.setenv("LIGHTNING_GC_OVERRIDDEN", "submitter")
     code = (
         "import json, os, sys\n"
         "print('out of', os.environ['RUN_NAME'])\n"
         "print('err of', os.environ['RUN_NAME'], file=sys.stderr)\n"
-        "names = ['RUN_NAME', 'LIGHTNING_GC_ONLY_IN_SUBMITTER', 'SLURM_JOB_ID', 'SLURM_ARRAY_TASK_ID']\n"
+        "names = ['RUN_NAME', 'LIGHTNING_GC_FROM_SUBMITTER', 'LIGHTNING_GC_OVERRIDDEN', 'SLURM_JOB_ID',\n"
+        "         'SLURM_ARRAY_TASK_ID', 'PATH']\n"
         "json.dump({'cwd': os.getcwd(), 'env': {n: os.environ.get(n) for n in names}}, open('seen.json', 'w'))\n"
         "sys.exit(int(os.environ['EXIT_CODE']))\n"
     )
@@ -113,7 +114,12 @@ def test_a_job_array_runs_each_command_in_its_folder_with_its_env_and_log(tmp_pa
     for index, exit_code in enumerate(exit_codes):
         cwd = tmp_path / f"run{index}"
         cwd.mkdir()
-        run_env = {**env, "RUN_NAME": f"run{index}", "EXIT_CODE": str(exit_code), "SLURM_JOB_ID": "from-submitter"}
+        run_env = {  # overrides only, as compare passes them
+            "RUN_NAME": f"run{index}",
+            "EXIT_CODE": str(exit_code),
+            "LIGHTNING_GC_OVERRIDDEN": "run",
+            "SLURM_JOB_ID": "from-run-env",
+        }
         runs.append(_python_run(f"lr=0.1/arm{index}/seed_0", code, cwd, tmp_path / "logs" / f"run{index}.log", run_env))
     launcher = SlurmLauncher(tmp_path / "submitit", SlurmOptions(time="00:10:00", sbatch_args=("--comment=lgc-test",)))
     jobs = launcher.submit(runs)
@@ -130,9 +136,10 @@ def test_a_job_array_runs_each_command_in_its_folder_with_its_env_and_log(tmp_pa
         seen = json.loads((run.cwd / "seen.json").read_text())
         assert Path(seen["cwd"]) == run.cwd
         assert seen["env"]["RUN_NAME"] == f"run{index}"
-        assert seen["env"]["LIGHTNING_GC_ONLY_IN_SUBMITTER"] is None
-        # the allocation's variables are the job's own, not the submitting shell's
-        assert seen["env"]["SLURM_ARRAY_TASK_ID"] == str(index) and seen["env"]["SLURM_JOB_ID"] != "from-submitter"
+        assert seen["env"]["LIGHTNING_GC_OVERRIDDEN"] == "run" and seen["env"]["PATH"] == os.environ["PATH"]
+        assert seen["env"]["LIGHTNING_GC_FROM_SUBMITTER"] == "submitter"
+        # the allocation's variables are the job's own, whatever the run's env says
+        assert seen["env"]["SLURM_ARRAY_TASK_ID"] == str(index) and seen["env"]["SLURM_JOB_ID"].isdigit()
         # stdout and stderr in the one log (their order depends on the child's buffering)
         assert sorted(run.log.read_text().splitlines()) == [f"err of run{index}", f"out of run{index}"]
 
