@@ -267,9 +267,12 @@ def _has_foreign_session(run_dir: Path) -> bool:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"tensors": 1})
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 1, "tensors": 1})
     accumulator.Reload()
-    return metadata.SESSION_START_INFO_TAG in accumulator.Tags().get("tensors", [])
+    try:
+        return metadata.SESSION_START_INFO_TAG in accumulator.PluginTagToContent(metadata.PLUGIN_NAME)
+    except KeyError:  # no hparams summaries at all
+        return False
 
 
 def _scalars(values: dict[str, float]) -> Any:
