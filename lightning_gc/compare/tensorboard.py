@@ -23,6 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,18 +79,34 @@ def write_arm_view(out: Path, records: Sequence[RunRecord], metric: str, mode: s
     tags = list(dict.fromkeys((TRAIN_LOSS, metric, GRAD_NORM)))
     scalars = {id(r): read_scalars(r.run_dir) for r in records}
     arms = list(dict.fromkeys(r.arm for r in records))
-    layout = arm_layout(tags, mode)
+    layout = _layout_summary(arm_layout(tags, mode))
+    for record in records:  # an earlier view's sessions: TensorBoard would keep them, the first it reads
+        for old in Path(record.run_dir).glob(f"events.out.tfevents.*{SESSION_SUFFIX}"):
+            old.unlink()
+    runs = {id(r): _RunEvents.read(Path(r.run_dir)) for r in records}
+    # TensorBoard lists runs by the time of their first event: the arms come first, in the order given
+    starts = [run.start for run in runs.values() if run.start is not None]
+    first = (min(starts) if starts else time.time()) - len(arms)
     if arms_root.exists():
         shutil.rmtree(arms_root)
-    for arm in arms:
+    for index, arm in enumerate(arms):
         finished = [scalars[id(r)] for r in records if r.arm == arm and r.status == FINISHED]
-        events = [_event(0, _layout_summary(layout))]
+        wall_time = first + index
+        events = [_event(0, layout, wall_time)]
         for tag in tags:
             band = seed_band([s[tag] for s in finished if tag in s])
             for step, values in band.items():
-                events.append(_event(step, _scalars({f"{tag}/{name}": v for name, v in zip(BAND, values)})))
+                events.append(_event(step, _scalars({f"{tag}/{n}": v for n, v in zip(BAND, values)}), wall_time))
         _write_events(arms_root / arm, events)
     _write_sessions(records, scalars, metric, mode)
+    foreign = [r for r in records if runs[id(r)].has_session]
+    if foreign:
+        warnings.warn(
+            f"{len(foreign)} of {len(records)} runs (e.g. {foreign[0].run_dir}) already hold an HPARAMS session "
+            "written during training; TensorBoard keeps the first one it reads, so the HPARAMS tab will not show "
+            "their compare/status",
+            stacklevel=2,
+        )
 
 
 def seed_band(series: Sequence[Series]) -> dict[int, tuple[float, float, float]]:
@@ -198,14 +215,6 @@ def _write_sessions(
     for record in records:
         run_dir = Path(record.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        for old in run_dir.glob(f"events.out.tfevents.*{SESSION_SUFFIX}"):
-            old.unlink()  # an earlier view's session: TensorBoard would keep it, the first one it reads
-        if _has_foreign_session(run_dir):
-            warnings.warn(
-                f"{run_dir} already holds an HPARAMS session written during training; TensorBoard keeps the first "
-                f"one it reads, so the HPARAMS tab will not show this run's compare/status ({record.status})",
-                stacklevel=3,
-            )
         status = api_pb2.STATUS_SUCCESS if record.status == FINISHED else api_pb2.STATUS_FAILURE
         _write_events(
             run_dir,
@@ -263,16 +272,31 @@ def _data_type(value: float | str | bool) -> int:
     return int(api_pb2.DATA_TYPE_STRING)
 
 
-def _has_foreign_session(run_dir: Path) -> bool:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import metadata
+@dataclass(frozen=True)
+class _RunEvents:
+    """What the view needs from a run's own event files besides its scalars."""
 
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 1, "tensors": 1})
-    accumulator.Reload()
-    try:
-        return metadata.SESSION_START_INFO_TAG in accumulator.PluginTagToContent(metadata.PLUGIN_NAME)
-    except KeyError:  # no hparams summaries at all
-        return False
+    start: float | None  # wall time of its first event
+    has_session: bool  # an HPARAMS session written during training (read after this module's are removed)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> _RunEvents:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.plugins.hparams import metadata
+
+        if not run_dir.is_dir():
+            return cls(None, False)
+        accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 1, "tensors": 1})
+        accumulator.Reload()
+        try:
+            start: float | None = accumulator.FirstEventTimestamp()
+        except ValueError:  # no event at all
+            start = None
+        try:
+            tags = accumulator.PluginTagToContent(metadata.PLUGIN_NAME)
+        except KeyError:  # no hparams summaries
+            tags = {}
+        return cls(start, metadata.SESSION_START_INFO_TAG in tags)
 
 
 def _scalars(values: dict[str, float]) -> Any:
@@ -281,10 +305,10 @@ def _scalars(values: dict[str, float]) -> Any:
     return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in values.items()])
 
 
-def _event(step: int, summary: Any) -> Any:
+def _event(step: int, summary: Any, wall_time: float | None = None) -> Any:
     from tensorboard.compat.proto import event_pb2
 
-    return event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
+    return event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time, step=step, summary=summary)
 
 
 def _layout_summary(layout: Any) -> Any:
