@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 INSTALL_HINT = 'pip install "lightning-gc[slurm]"'
-RETURNCODES = "returncodes"  # under the launcher's folder: one file per job id, the run's exit code
+RETURNCODES = "returncodes"
+MAX_ARRAY_SIZE = 1000  # SLURM's default MaxArraySize is 1001: task ids 0..1000  # under the launcher's folder: one file per job id, the run's exit code
 
 # SLURM job states after which the job never runs again (squeue/scontrol/sacct spelling)
 FINAL_STATES = frozenset(
@@ -241,7 +242,8 @@ class SlurmLauncher:
         self.options = options
 
     def submit(self, runs: Sequence[SlurmRun]) -> list[SlurmJob]:
-        """Submit ``runs`` (one job array; a single job for one run); their jobs, in the same order."""
+        """Submit ``runs`` as one job array (a plain job for one run; several arrays beyond
+        ``MAX_ARRAY_SIZE`` runs); their jobs, in the same order."""
         keys = [run.key for run in runs]
         if len(set(keys)) != len(keys):
             raise ValueError(
@@ -253,14 +255,17 @@ class SlurmLauncher:
         self.folder.mkdir(parents=True, exist_ok=True)
         executor = submitit.SlurmExecutor(folder=self.folder)
         executor.update_parameters(**self.options.executor_parameters())
-        jobs = executor.map_array(
-            run_command,
-            [run.argv for run in runs],
-            [str(run.cwd) for run in runs],
-            [run.env for run in runs],
-            [str(run.log) for run in runs],
-            [str(self.folder) for _ in runs],
-        )
+        jobs = []
+        for start in range(0, len(runs), MAX_ARRAY_SIZE):
+            chunk = runs[start : start + MAX_ARRAY_SIZE]
+            jobs += executor.map_array(
+                run_command,
+                [run.argv for run in chunk],
+                [str(run.cwd) for run in chunk],
+                [run.env for run in chunk],
+                [str(run.log) for run in chunk],
+                [str(self.folder) for _ in chunk],
+            )
         return [SlurmJob(str(job.job_id), self.folder) for job in jobs]
 
     def attach(self, job_id: str) -> SlurmJob:

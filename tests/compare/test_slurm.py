@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import requires_slurm  # noqa: F401  (the fixture)
 
+from lightning_gc.compare import slurm as slurm_module
 from lightning_gc.compare.slurm import SlurmJob, SlurmLauncher, SlurmOptions, SlurmRun
 
 WAIT_S = 180  # bounded waits: a job array of small commands ends within seconds on an idle node
@@ -208,3 +209,15 @@ def test_a_job_nobody_knows_is_not_found_and_done(tmp_path):
 
 def job_log_text(path):
     return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("requires_slurm")
+def test_more_runs_than_an_array_holds_go_in_several_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr(slurm_module, "MAX_ARRAY_SIZE", 2)
+    runs = [_python_run(f"r{i}", f"import sys; sys.exit({i})", tmp_path, tmp_path / f"r{i}.log") for i in range(3)]
+    jobs = SlurmLauncher(tmp_path / "submitit", SlurmOptions()).submit(runs)
+    first, second = {j.job_id.split("_")[0] for j in jobs[:2]}, jobs[2].job_id
+    assert len(first) == 1 and "_" not in second and second not in first  # an array of 2, then a plain job
+    _wait(jobs)
+    assert [job.returncode() for job in jobs] == [0, 1, 2]
