@@ -1,9 +1,9 @@
 """Runs of a comparison as SLURM jobs, submitted with submitit (the optional ``slurm`` extra).
 
-Each run is one task of a job array: submitit pickles a call of :func:`run_command` with the run's command,
+Each run is one task of a job array: submitit pickles a call of ``run_command`` with the run's command,
 folder, environment and log, and ``sbatch`` submits one array for all of them. The job's state comes from
 SLURM itself (``scontrol``, then ``sacct``), its return code from a file the task writes when the command
-ends, so a new process can :meth:`SlurmLauncher.attach` to a job by its id (``compare --resume``).
+ends, so a new process can ``SlurmLauncher.attach`` to a job by its id (``compare --resume``).
 
 Example:
     >>> SlurmOptions(partition="gpu", time="02:00:00", gpus_per_run=1).sbatch_time_minutes
@@ -114,7 +114,7 @@ class SlurmOptions:
         return parameters
 
     def executor_parameters(self) -> dict[str, Any]:
-        """The parameters of :meth:`submitit.SlurmExecutor.update_parameters` for these options.
+        """The parameters of ``submitit.SlurmExecutor.update_parameters`` for these options.
 
         ``SlurmExecutor`` rather than ``AutoExecutor``: only there ``time=None`` leaves ``--time`` out
         (AutoExecutor drops ``None`` and submitit would then ask for its default of 5 minutes).
@@ -161,7 +161,7 @@ class SlurmRun:
 
 
 class SlurmJob:
-    """A job submitted by :class:`SlurmLauncher` (or attached to by its id).
+    """A job submitted by ``SlurmLauncher`` (or attached to by its id).
 
     Args:
         job_id: SLURM's id, ``"<array>_<task>"`` for a task of a job array.
@@ -189,7 +189,7 @@ class SlurmJob:
         return self._lookup().state in FINAL_STATES
 
     def returncode(self) -> int | None:
-        """The run's exit code once its command ended, as :mod:`subprocess` reports it (``-15``: ended by
+        """The run's exit code once its command ended, as ``subprocess`` reports it (``-15``: ended by
         SIGTERM, e.g. from ``scancel``); ``None`` before, or when the task could not record one (killed with
         its command, its node failed)."""
         recorded = _read_returncode(self.folder, self.job_id)
@@ -223,7 +223,7 @@ class SlurmJob:
 
 
 class SlurmLauncher:
-    """Submits runs as SLURM jobs through submitit, one job array per :meth:`submit`.
+    """Submits runs as SLURM jobs through submitit, one job array per ``submit``.
 
     Args:
         folder: submitit's folder for this study (sbatch scripts, pickled calls, submitit's own logs, the
@@ -269,7 +269,7 @@ class SlurmLauncher:
         return [SlurmJob(str(job.job_id), self.folder) for job in jobs]
 
     def attach(self, job_id: str) -> SlurmJob:
-        """The job ``job_id`` that an earlier :meth:`submit` (possibly of another process) returned."""
+        """The job ``job_id`` that an earlier ``submit`` (possibly of another process) returned."""
         if not isinstance(job_id, str) or not re.fullmatch(r"\d+(_\d+)?", job_id):
             raise ValueError(f"job_id must be a SLURM job id such as '1234' or '1234_5', got {job_id!r}")
         return SlurmJob(job_id, self.folder)
@@ -277,8 +277,8 @@ class SlurmLauncher:
 
 def run_command(argv: list[str], cwd: str, env: Mapping[str, str], log: str, folder: str) -> int:
     """What each SLURM task runs: ``argv`` in ``cwd`` with ``env`` over the job's environment (see
-    :class:`SlurmRun`), output appended to ``log``; records the
-    exit code for :meth:`SlurmJob.returncode` and exits with it, so SLURM's state says FAILED for a
+    ``SlurmRun``), output appended to ``log``; records the
+    exit code for ``SlurmJob.returncode`` and exits with it, so SLURM's state says FAILED for a
     failed run."""
     merged = {**os.environ, **{k: v for k, v in env.items() if not _is_allocation_variable(k)}}
     Path(log).parent.mkdir(parents=True, exist_ok=True)

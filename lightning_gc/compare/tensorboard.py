@@ -1,6 +1,6 @@
 """TensorBoard's view of a comparison by arm: one band per arm (mean ± 1 std over seeds) and each run's outcome.
 
-:func:`write_arm_view` writes, under the comparison's folder ``OUT``:
+``write_arm_view`` writes, under the comparison's folder ``OUT``:
 
 * ``OUT/arms/<arm>/``: one TensorBoard run per arm with three series per tag (``train/loss``, the primary
   metric, ``train/grad_norm``): ``<tag>/mean``, ``<tag>/mean-std`` and ``<tag>/mean+std`` over the arm's
