@@ -21,7 +21,6 @@ import math
 import re
 import shutil
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,22 +90,13 @@ def write_arm_view(out: Path, records: Sequence[RunRecord], metric: str, mode: s
         shutil.rmtree(arms_root)
     for index, arm in enumerate(arms):
         finished = [scalars[id(r)] for r in records if r.arm == arm and r.status == FINISHED]
-        wall_time = first + index
-        events = [_event(0, layout, wall_time)]
+        events = [_event(0, layout)]
         for tag in tags:
             band = seed_band([s[tag] for s in finished if tag in s])
             for step, values in band.items():
-                events.append(_event(step, _scalars({f"{tag}/{n}": v for n, v in zip(BAND, values)}), wall_time))
-        _write_events(arms_root / arm, events)
-    _write_sessions(records, scalars, metric, mode)
-    foreign = [r for r in records if runs[id(r)].has_session]
-    if foreign:
-        warnings.warn(
-            f"{len(foreign)} of {len(records)} runs (e.g. {foreign[0].run_dir}) already hold an HPARAMS session "
-            "written during training; TensorBoard keeps the first one it reads, so the HPARAMS tab will not show "
-            "their compare/status",
-            stacklevel=2,
-        )
+                events.append(_event(step, _scalars({f"{tag}/{n}": v for n, v in zip(BAND, values)})))
+        _write_events(arms_root / arm, events, file_time=int(first), wall_time=first + index)
+    _write_sessions(records, scalars, runs, metric, mode)
 
 
 def seed_band(series: Sequence[Series]) -> dict[int, tuple[float, float, float]]:
@@ -196,9 +186,21 @@ def run_hparams(record: RunRecord, scalars: dict[str, Series], metric: str, mode
 
 
 def _write_sessions(
-    records: Sequence[RunRecord], scalars: dict[int, dict[str, Series]], metric: str, mode: str
+    records: Sequence[RunRecord],
+    scalars: dict[int, dict[str, Series]],
+    runs: dict[int, _RunEvents],
+    metric: str,
+    mode: str,
 ) -> None:
-    """Each run's HPARAMS session, in its own folder; one experiment (the union of the columns) in every run."""
+    """Each run's HPARAMS session, in its own folder; one experiment (the union of the columns) in every run.
+
+    TensorBoard keeps the first metadata of a tag it reads in a run, reading the event files in the order of
+    their names, so a session the run logged itself during training (Lightning's logger writes one at fit
+    start, before the outcome is known) would hide this one: the file is named to be read first (its name's
+    timestamp one second before the run's first file) and its events carry the run's first wall time, so the
+    run's place in TensorBoard's list does not change. A TensorBoard server already running has read past
+    that name: it shows the session after a restart.
+    """
     from tensorboard.plugins.hparams import api_pb2
 
     params = {id(r): run_hparams(r, scalars[id(r)], metric, mode) for r in records}
@@ -216,6 +218,8 @@ def _write_sessions(
         run_dir = Path(record.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         status = api_pb2.STATUS_SUCCESS if record.status == FINISHED else api_pb2.STATUS_FAILURE
+        run = runs[id(record)]
+        now = time.time()
         _write_events(
             run_dir,
             [
@@ -223,6 +227,8 @@ def _write_sessions(
                 _event(0, _hparams_summary("session_start_info", _session_start(params[id(record)], record))),
                 _event(0, _hparams_summary("session_end_info", _session_end(status))),
             ],
+            file_time=int(now) if run.first_file_time is None else run.first_file_time - 1,
+            wall_time=now if run.start is None else run.start,
             suffix=SESSION_SUFFIX,
         )
 
@@ -274,29 +280,25 @@ def _data_type(value: float | str | bool) -> int:
 
 @dataclass(frozen=True)
 class _RunEvents:
-    """What the view needs from a run's own event files besides its scalars."""
+    """When a run's own event files begin."""
 
     start: float | None  # wall time of its first event
-    has_session: bool  # an HPARAMS session written during training (read after this module's are removed)
+    first_file_time: int | None  # the timestamp in the name of its first event file
 
     @classmethod
     def read(cls, run_dir: Path) -> _RunEvents:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        from tensorboard.plugins.hparams import metadata
 
-        if not run_dir.is_dir():
-            return cls(None, False)
+        names = [p.name for p in run_dir.glob("*tfevents*")] if run_dir.is_dir() else []
+        times = [int(m[1]) for m in (re.match(r"events\.out\.tfevents\.(\d+)", n) for n in names) if m]
+        if not names:
+            return cls(None, None)
         accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 1, "tensors": 1})
-        accumulator.Reload()
         try:
             start: float | None = accumulator.FirstEventTimestamp()
         except ValueError:  # no event at all
             start = None
-        try:
-            tags = accumulator.PluginTagToContent(metadata.PLUGIN_NAME)
-        except KeyError:  # no hparams summaries
-            tags = {}
-        return cls(start, metadata.SESSION_START_INFO_TAG in tags)
+        return cls(start, min(times) if times else None)
 
 
 def _scalars(values: dict[str, float]) -> Any:
@@ -305,10 +307,10 @@ def _scalars(values: dict[str, float]) -> Any:
     return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in values.items()])
 
 
-def _event(step: int, summary: Any, wall_time: float | None = None) -> Any:
+def _event(step: int, summary: Any) -> Any:
     from tensorboard.compat.proto import event_pb2
 
-    return event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time, step=step, summary=summary)
+    return event_pb2.Event(step=step, summary=summary)
 
 
 def _layout_summary(layout: Any) -> Any:
@@ -323,16 +325,21 @@ def _layout_summary(layout: Any) -> Any:
     return summary
 
 
-def _write_events(run_dir: Path, events: Iterable[Any], suffix: str = "") -> None:
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+def _write_events(run_dir: Path, events: Iterable[Any], file_time: int, wall_time: float, suffix: str = "") -> None:
+    """An event file named with ``file_time`` (TensorBoard reads a run's files in the order of their names)
+    holding ``events`` at ``wall_time``, after the file-version event every event file starts with."""
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    writer = EventFileWriter(str(run_dir), filename_suffix=suffix)
-    try:
+    path = run_dir / f"events.out.tfevents.{file_time:010d}.lightning-gc{suffix}"
+    with open(path, "wb") as file:
+        writer = RecordWriter(file)
+        writer.write(event_pb2.Event(wall_time=wall_time, file_version="brain.Event:2").SerializeToString())
         for event in events:
-            writer.add_event(event)
-    finally:
-        writer.close()
+            event.wall_time = wall_time
+            writer.write(event.SerializeToString())
+        writer.flush()
 
 
 def _read_hparams_yaml(run_dir: Path) -> dict[str, Any]:

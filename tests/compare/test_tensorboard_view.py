@@ -8,7 +8,6 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-import warnings
 
 import numpy as np
 import pytest
@@ -157,24 +156,28 @@ def test_bad_arguments_name_themselves(tmp_path):
         write_arm_view(tmp_path / "cmp", clash, "val/acc", "max")
 
 
-def test_a_session_written_during_training_is_reported(tmp_path):
+def add_training_time_session(run_dir):
+    """What Lightning's logger (and compare's RunMonitor) write at fit start: a session without the outcome."""
     from torch.utils.tensorboard.summary import hparams
 
-    records, _ = write_fake_comparison(tmp_path / "cmp")
-    with SummaryWriter(records[0].run_dir) as writer:  # what Lightning's logger writes at fit start
-        for summary in hparams({"lr": 0.1}, {"val/acc": 0.0}):
+    with SummaryWriter(run_dir) as writer:
+        for summary in hparams({"lr": 0.1, "compare/arm": "gc"}, {"val/acc": 0.0}):
             writer.file_writer.add_summary(summary)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        write_arm_view(tmp_path / "cmp", records, "val/acc", "max")
-    messages = [str(w.message) for w in caught if "HPARAMS session" in str(w.message)]
-    assert messages == [
-        f"1 of 6 runs (e.g. {records[0].run_dir}) already hold an HPARAMS session written during training; "
-        "TensorBoard keeps the first one it reads, so the HPARAMS tab will not show their compare/status"
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        write_arm_view(tmp_path / "cmp", records[1:], "val/acc", "max")  # the view's own sessions never warn
+
+
+def test_the_outcome_session_wins_over_one_written_during_training(tmp_path):
+    from tensorboard.plugins.hparams import metadata
+
+    records, _ = write_fake_comparison(tmp_path / "cmp")
+    diverged = next(r for r in records if r.status == "diverged")
+    time.sleep(1.1)  # the training-time file gets a later name than the run's first file, as in a real run
+    add_training_time_session(diverged.run_dir)
+    start_before = _scalars(diverged.run_dir).FirstEventTimestamp()
+    write_arm_view(tmp_path / "cmp", records, "val/acc", "max")
+    accumulator = _scalars(diverged.run_dir)
+    content = accumulator.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content
+    assert metadata.parse_session_start_info_plugin_data(content).hparams["compare/status"].string_value == "diverged"
+    assert accumulator.FirstEventTimestamp() == start_before  # the run keeps its place in TensorBoard's list
 
 
 # --- the real TensorBoard server ----------------------------------------------------------------------------
@@ -193,12 +196,17 @@ def _request(opener, url, body=None):
         return json.loads(response.read())
 
 
-@pytest.fixture
-def server(comparison):
-    out = comparison[0]
+@pytest.fixture(params=["false", "true"], ids=["python-reader", "rust-data-server"])
+def server(tmp_path, request):
+    out = tmp_path / "served"
+    records, curves = write_fake_comparison(out)
+    add_training_time_session(next(r.run_dir for r in records if r.status == "diverged"))
+    write_arm_view(out, records, "val/acc", "max")
+    comparison = out, records, curves
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(out), "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(out), "--host", "127.0.0.1", "--port", str(port)]
+        + ["--load_fast", request.param],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
