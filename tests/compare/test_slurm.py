@@ -149,7 +149,7 @@ def test_a_job_array_runs_each_command_in_its_folder_with_its_env_and_log(tmp_pa
 @pytest.mark.usefixtures("requires_slurm")
 def test_attach_from_a_fresh_process_finds_the_job_and_its_return_code(tmp_path):
     folder = tmp_path / "submitit"
-    run = _python_run("only", "import time, sys; time.sleep(3); sys.exit(5)", tmp_path, tmp_path / "run.log")
+    run = _python_run("only", "import time, sys; time.sleep(15); sys.exit(5)", tmp_path, tmp_path / "run.log")
     (job,) = SlurmLauncher(folder, SlurmOptions()).submit([run])
     assert "_" not in job.job_id  # a single run is a plain job, not an array
     attach = (
