@@ -37,6 +37,8 @@ ARM_CATEGORY = "arms: mean ± 1 std over finished seeds"
 RUN_CATEGORY = "runs: every seed"
 SESSION_SUFFIX = ".arm-view"  # event files of the HPARAMS sessions this module writes into the run folders
 MODES = ("min", "max")
+STATUS_COLUMN = "compare/status"
+HEADLINE_COLUMNS = ("compare/arm", "compare/seed", STATUS_COLUMN, "compare/final_metric")
 
 
 def write_arm_view(out: Path, records: Sequence[RunRecord], metric: str, mode: str) -> None:
@@ -96,7 +98,7 @@ def write_arm_view(out: Path, records: Sequence[RunRecord], metric: str, mode: s
             for step, values in band.items():
                 events.append(_event(step, _scalars({f"{tag}/{n}": v for n, v in zip(BAND, values)})))
         _write_events(arms_root / arm, events, file_time=int(first), wall_time=first + index)
-    _write_sessions(records, scalars, runs, metric, mode)
+    _write_sessions(records, scalars, runs, metric)
 
 
 def seed_band(series: Sequence[Series]) -> dict[int, tuple[float, float, float]]:
@@ -160,16 +162,16 @@ def arm_layout(tags: Sequence[str], mode: str) -> Any:
     )
 
 
-def run_hparams(record: RunRecord, scalars: dict[str, Series], metric: str, mode: str) -> dict[str, float | str | bool]:
+def run_hparams(record: RunRecord, scalars: dict[str, Series], metric: str) -> dict[str, float | str | bool]:
     """What a run's HPARAMS session records: its ``hparams.yaml`` (flattened with ``/``) and the outcome.
 
     Example:
         >>> record = RunRecord("gc", 1, "diverged", Path("no/such/run"), Path("log"), diverged_at_step=36)
-        >>> run_hparams(record, {"val/acc": Series(np.array([5, 9]), np.array([0.5, float("nan")]))}, "val/acc", "max")
-        {'compare/arm': 'gc', 'compare/seed': 1, 'compare/status': 'diverged', 'compare/diverged_at_step': 36, 'compare/final_metric': 0.5, 'compare/best_metric': 0.5}
+        >>> run_hparams(record, {"val/acc": Series(np.array([5, 9]), np.array([0.5, float("nan")]))}, "val/acc")
+        {'compare/arm': 'gc', 'compare/seed': 1, 'compare/status': 'diverged', 'compare/diverged_at_step': 36, 'compare/final_metric': 0.5}
     """
     params: dict[str, float | str | bool] = dict(_flatten(_read_hparams_yaml(Path(record.run_dir))))
-    params.update({"compare/arm": record.arm, "compare/seed": record.seed, "compare/status": record.status})
+    params.update({"compare/arm": record.arm, "compare/seed": record.seed, STATUS_COLUMN: record.status})
     for field in ("point", "job_id", "collapse"):  # fields compare adds to RunRecord, when present
         value = getattr(record, field, None)
         if value:
@@ -181,7 +183,6 @@ def run_hparams(record: RunRecord, scalars: dict[str, Series], metric: str, mode
     values = [float(v) for v in scalars[metric].values if math.isfinite(v)] if metric in scalars else []
     if values:
         params["compare/final_metric"] = values[-1]
-        params["compare/best_metric"] = max(values) if mode == "max" else min(values)
     return params
 
 
@@ -190,7 +191,6 @@ def _write_sessions(
     scalars: dict[int, dict[str, Series]],
     runs: dict[int, _RunEvents],
     metric: str,
-    mode: str,
 ) -> None:
     """Each run's HPARAMS session, in its own folder; one experiment (the union of the columns) in every run.
 
@@ -203,17 +203,27 @@ def _write_sessions(
     """
     from tensorboard.plugins.hparams import api_pb2
 
-    params = {id(r): run_hparams(r, scalars[id(r)], metric, mode) for r in records}
-    columns: dict[str, float | str | bool] = {}
+    params = {id(r): run_hparams(r, scalars[id(r)], metric) for r in records}
+    columns: dict[str, list[float | str | bool]] = {}
     for p in params.values():
         for name, value in p.items():
-            columns.setdefault(name, value)
+            columns.setdefault(name, []).append(value)
     metrics = [
         api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in dict.fromkeys((metric, VAL_LOSS, TRAIN_LOSS))
     ]
-    experiment = api_pb2.Experiment(
-        hparam_infos=[api_pb2.HParamInfo(name=n, type=_data_type(v)) for n, v in columns.items()], metric_infos=metrics
-    )
+    # TensorBoard's HPARAMS table lists the columns marked as differing first and selects the first few: the
+    # outcome columns are marked so (even when every run ended alike), the other compare/ ones are not, so
+    # that the status and the final metric are always among the columns shown without asking
+    infos = [
+        api_pb2.HParamInfo(
+            name=n,
+            type=_data_type(v[0]),
+            differs=n in HEADLINE_COLUMNS
+            or (not n.startswith("compare/") and (len(v) < len(records) or len(set(v)) > 1)),
+        )
+        for n, v in columns.items()
+    ]
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
     for record in records:
         run_dir = Path(record.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
