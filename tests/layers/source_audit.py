@@ -72,36 +72,90 @@ class ParamSite:
     file: str
 
 
+_CLASS = re.compile(r"^(?P<indent>[ \t]*)class (?P<name>\w+)\b")
+_DECORATOR = re.compile(r"^[ \t]*@(?P<text>.*)$")
+_ASSIGNMENT = re.compile(
+    r"self\.(?P<attr>\w+)\s*=\s*(?:\(\s*)?(?=(?:\w+\.)*Parameter\()"
+)  # also `= (\n  P(...) if c else None)`
+
+
 def scan(root: Path) -> list[ParamSite]:
-    """Every parameter assignment in the classes of the package at ``root`` (``modular_*`` sources left out)."""
+    """Every ``self.<attr> = ...Parameter(...)`` in the classes of the package at ``root``.
+
+    Line-based (the class a line belongs to comes from indentation), parsing only each ``Parameter(...)``
+    expression: parsing every module of transformers takes most of a minute. ``modular_*`` files (the sources
+    transformers generates its modeling files from) are left out.
+    """
     sites = []
     for path in sorted(root.rglob("*.py")):
-        if path.name.startswith("modular_"):  # transformers' generators of the modeling files
+        if path.name.startswith("modular_"):
             continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
-        for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)):
-            decorators = tuple(ast.unparse(d) for d in cls.decorator_list)
-            for node in ast.walk(cls):
-                site = _param_site(node, f"{module}.{cls.name}", decorators, str(path.relative_to(root.parent)))
-                if site is not None:
-                    sites.append(site)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "Parameter(" in text:
+            module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+            sites.extend(_scan_text(text, module, str(path.relative_to(root.parent))))
     return sites
 
 
-def _param_site(node: ast.AST, class_path: str, decorators: tuple[str, ...], file: str) -> ParamSite | None:
-    if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+def _scan_text(text: str, module: str, file: str) -> list[ParamSite]:
+    sites = []
+    classes: list[tuple[int, str, tuple[str, ...]]] = []  # (indent, qualified name, decorators), innermost last
+    decorators: list[str] = []
+    matches = list(_ASSIGNMENT.finditer(text))
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped and not stripped.startswith(("#", "@", ")", "]", "}")):
+            while classes and indent <= classes[-1][0]:
+                classes.pop()
+        class_match = _CLASS.match(line)
+        if class_match:
+            outer = classes[-1][1] + "." if classes else ""
+            classes.append((indent, outer + class_match["name"], tuple(decorators)))
+            decorators = []
+        elif (decorator := _DECORATOR.match(line)) is not None and indent == 0:
+            decorators.append(decorator["text"].strip())
+        elif stripped and indent == 0:
+            decorators = []
+        end = offset + len(line)
+        while matches and matches[0].start() < end:
+            match = matches.pop(0)
+            site = (
+                None
+                if not classes or stripped.startswith("#")
+                else _site(text, match.end(), match["attr"], classes, module, file)
+            )
+            if site is not None:
+                sites.append(site)
+        offset = end
+    return sites
+
+
+def _site(
+    text: str, start: int, attr: str, classes: list[tuple[int, str, tuple[str, ...]]], module: str, file: str
+) -> ParamSite | None:
+    try:
+        call = ast.parse(_balanced_call(text, start), mode="eval").body
+    except SyntaxError:
         return None
-    target = ast.unparse(node.targets[0])
-    value = node.value.body if isinstance(node.value, ast.IfExp) else node.value  # `P(...) if flag else None`
-    if not (target.startswith("self.") and isinstance(value, ast.Call)):
+    if not isinstance(call, ast.Call):
         return None
-    if not ast.unparse(value.func).endswith("Parameter"):
-        return None
-    return ParamSite(class_path, target[5:], ast.unparse(value), _ndim(value), decorators, file)
+    _, name, decorators = classes[-1]
+    return ParamSite(f"{module}.{name}", attr, ast.unparse(call), _ndim(call), decorators, file)
+
+
+def _balanced_call(text: str, start: int) -> str:
+    """The call expression starting at ``start`` (``nn.Parameter(...)``), up to its closing parenthesis."""
+    depth = 0
+    for index in range(start, len(text)):
+        if text[index] in "([{":
+            depth += 1
+        elif text[index] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return text[start : index + 1]
+    return text[start:]
 
 
 def _ndim(call: ast.Call) -> int | None:
@@ -164,13 +218,35 @@ def non_neuron_sites(sites: list[ParamSite]) -> list[ParamSite]:
     return list(found.values())
 
 
-def main(root: Path) -> None:
+REASON_NAMES = dict(
+    zip(
+        (reason for reason, _ in NON_NEURON_CATEGORIES),
+        ("_TOKEN", "_QUERIES", "_POSITION", "_RELATIVE", "_SCALE", "_CODEBOOK"),
+    )
+)
+
+
+def generated_entries(root: Path) -> list[tuple[str, str, tuple[int, ...] | None, str]]:
+    """``(class_path, param, out_dims, reason)`` for the generated part of the table, in its order."""
     sites = scan(root)
+    entries: list[tuple[str, str, tuple[int, ...] | None, str]] = []
     for expert in expert_classes(sites):
-        print(f"    ({expert.class_path!r}, {expert.transposed}, {expert.weights!r}, {expert.biases!r}),")
-    print()
+        dims, reason = ((0, 2), "_EXPERTS_IN_OUT") if expert.transposed else ((0, 1), "_EXPERTS_OUT_IN")
+        entries += [(expert.class_path, weight, dims, reason) for weight in expert.weights]
+        entries += [(expert.class_path, bias, None, "_EXPERT_BIAS") for bias in expert.biases]
     for site in sorted(non_neuron_sites(sites), key=lambda s: (s.class_path, s.attr)):
-        print(f"    ({site.class_path!r}, {site.attr!r}),")
+        entries.append((site.class_path, site.attr, None, REASON_NAMES[non_neuron_reason(site.attr) or ""]))
+    return entries
+
+
+def main(root: Path) -> None:
+    """Print the generated entries as the table writes them (shapes as comments)."""
+    shapes = {(s.class_path, s.attr): s.source for s in scan(root)}
+    for path, param, dims, reason in generated_entries(root):
+        comment = re.sub(
+            r"^(\w+\.)*Parameter\(|, \*\*dd|, (dtype|device|requires_grad)=[\w.]+", "", shapes[(path, param)]
+        )
+        print(f'    LayerLayout("{path}", "{param}", {dims}, reason={reason}),  # {comment[:-1][:90]}')
 
 
 if __name__ == "__main__":
