@@ -19,10 +19,11 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_gc
 from lightning_gc import third_party_layouts
 from lightning_gc.third_party_layouts import THIRD_PARTY_LAYOUTS
 from tests.layers import source_audit
-from tests.layers.zoo import Units
+from tests.layers.zoo import DIM0, SKIP_BIAS, SKIP_TOKEN, Skip, Truth, Units, run_and_check
 
 PACKAGES = ("transformers.", "timm.", "torchvision.")
 
@@ -188,3 +189,143 @@ def test_hand_read_layout_is_what_the_forward_pass_does(case: str) -> None:
 
 def _is_instance_by_path(module: nn.Module, class_path: str) -> bool:
     return any(f"{c.__module__}.{c.__qualname__}" == class_path for c in type(module).__mro__)
+
+
+# ---- timm and torchvision layers by stand-ins, through centralize_gradients --------------------------------
+
+
+def stand_in(class_path: str, base: type[nn.Module] = nn.Module) -> type[nn.Module]:
+    """A class that the registry cannot tell from the real one: same ``__module__`` and ``__qualname__``."""
+    module, _, name = class_path.rpartition(".")
+    return type(name, (base,), {"__module__": module, "__qualname__": name})
+
+
+def with_params(cls: type[nn.Module], *args: object, **shapes: tuple[int, ...]) -> nn.Module:
+    layer = cls(*args)
+    for attr, shape in shapes.items():
+        setattr(layer, attr, nn.Parameter(torch.zeros(shape, dtype=torch.float64)))
+    return layer
+
+
+def timm_torchvision_zoo() -> nn.ModuleDict:
+    """Stand-ins with the shapes each source builds (file and class in the table's comments)."""
+    tv_swin = stand_in("torchvision.models.swin_transformer.ShiftedWindowAttention")
+    tv_swin_v2 = type(
+        "ShiftedWindowAttentionV2",
+        (tv_swin,),
+        {"__module__": "torchvision.models.swin_transformer", "__qualname__": "ShiftedWindowAttentionV2"},
+    )
+    layers = {
+        # timm.models.vision_transformer.VisionTransformer: cls_token (1, 1, D), reg_token (1, R, D), pos_embed (1, N, D)
+        "vit": with_params(
+            stand_in("timm.models.vision_transformer.VisionTransformer"),
+            cls_token=(1, 1, 8),
+            reg_token=(1, 2, 8),
+            pos_embed=(1, 7, 8),
+        ),
+        # timm.layers.std_conv.ScaledStdConv2d(nn.Conv2d): gain (out, 1, 1, 1)
+        "std_conv": with_params(
+            stand_in("timm.layers.std_conv.ScaledStdConv2d", nn.Conv2d), 3, 4, 3, gain=(4, 1, 1, 1)
+        ),
+        # timm.models.swin_transformer.WindowAttention: relative_position_bias_table ((2w-1)^2, heads)
+        "swin": with_params(
+            stand_in("timm.models.swin_transformer.WindowAttention"), relative_position_bias_table=(9, 2)
+        ),
+        # timm.models.swin_transformer_v2.WindowAttention: logit_scale (heads, 1, 1)
+        "swin_v2": with_params(stand_in("timm.models.swin_transformer_v2.WindowAttention"), logit_scale=(2, 1, 1)),
+        # timm.models.fastvit.LayerScale2d: gamma (dim, 1, 1)
+        "layer_scale": with_params(stand_in("timm.models.fastvit.LayerScale2d"), gamma=(4, 1, 1)),
+        # timm.models.beit.Attention: relative_position_bias_table (num_relative_distance, heads)
+        "beit_attn": with_params(stand_in("timm.models.beit.Attention"), relative_position_bias_table=(12, 2)),
+        # timm.layers.attention2d.MultiQueryAttentionV2: (heads, key_dim, dim), (dim, key_dim), (dim, v_dim), (dim_out, heads, v_dim)
+        "mqa": with_params(
+            stand_in("timm.layers.attention2d.MultiQueryAttentionV2"),
+            query_proj=(2, 3, 5),
+            key_proj=(5, 3),
+            value_proj=(5, 4),
+            out_proj=(6, 2, 4),
+        ),
+        # timm.layers.ml_decoder.MLDecoder: duplicate_pooling (K, D, G)
+        "ml_decoder": with_params(stand_in("timm.layers.ml_decoder.MLDecoder"), duplicate_pooling=(3, 5, 2)),
+        # timm.layers.cond_conv2d.CondConv2d: weight (experts, out * in * kh * kw)
+        "cond_conv": with_params(stand_in("timm.layers.cond_conv2d.CondConv2d"), weight=(3, 4 * 2 * 3 * 3)),
+        # torchvision.models.convnext.CNBlock: layer_scale (dim, 1, 1)
+        "cnblock": with_params(stand_in("torchvision.models.convnext.CNBlock"), layer_scale=(4, 1, 1)),
+        # torchvision.models.swin_transformer.ShiftedWindowAttention(V2): table ((2w-1)^2, heads); V2 logit_scale (heads, 1, 1)
+        "tv_swin": with_params(tv_swin, relative_position_bias_table=(9, 2)),
+        "tv_swin_v2": with_params(tv_swin_v2, logit_scale=(2, 1, 1)),
+        # torchvision.models.vision_transformer: VisionTransformer.class_token (1, 1, D), Encoder.pos_embedding (1, S, D)
+        "tv_vit": with_params(
+            stand_in("torchvision.models.vision_transformer.VisionTransformer"), class_token=(1, 1, 8)
+        ),
+        "tv_encoder": with_params(stand_in("torchvision.models.vision_transformer.Encoder"), pos_embedding=(1, 5, 8)),
+        # torchvision.ops.deform_conv.DeformConv2d (an nn.Module, not an nn.Conv2d): weight (out, in // groups, kh, kw)
+        "deform": with_params(stand_in("torchvision.ops.deform_conv.DeformConv2d"), weight=(4, 2, 3, 3)),
+    }
+    return nn.ModuleDict(layers).double()
+
+
+STAND_IN_TABLE: list[tuple[str, Truth]] = [
+    ("*bias", SKIP_BIAS),
+    ("vit.*", SKIP_TOKEN),
+    ("tv_vit.*", SKIP_TOKEN),
+    ("tv_encoder.*", SKIP_TOKEN),
+    ("*relative_position_bias_table", SKIP_TOKEN),
+    ("*.gain", Skip("ScaledStdConv2d gain (out, 1, 1, 1)")),
+    ("*.logit_scale", Skip("Swin V2 logit scale (heads, 1, 1)")),
+    ("*.gamma", Skip("layer scale (dim, 1, 1)")),
+    ("*.layer_scale", Skip("ConvNeXt layer scale (dim, 1, 1)")),
+    ("cond_conv.weight", Skip("per-expert kernels flattened: units not addressable")),
+    ("mqa.query_proj", Units((0, 1))),
+    ("mqa.key_proj", Units((1,))),
+    ("mqa.value_proj", Units((1,))),
+    ("mqa.out_proj", DIM0),
+    ("ml_decoder.duplicate_pooling", Units((0, 2))),
+    ("*.weight", DIM0),
+]
+
+
+def test_timm_and_torchvision_layers_by_stand_ins() -> None:
+    run_and_check(timm_torchvision_zoo(), STAND_IN_TABLE, lightning_gc.centralize_gradients)
+
+
+# ---- every entry, through the real registry and describe --------------------------------------------------
+
+
+def _concrete_name(pattern: str) -> str:
+    """A parameter name that ``pattern`` (fnmatch) matches: ``*`` -> ``x``, ``[12]`` -> ``1``."""
+    name = re.sub(r"\[(.)[^\]]*\]", r"\1", pattern).replace("*", "x").replace("?", "x")
+    assert fnmatch.fnmatchcase(name, pattern)
+    return name
+
+
+def _shape_for(out_dims: tuple[int, ...] | None) -> tuple[int, ...]:
+    ndim = 3 if out_dims is None else max(out_dims) + 2
+    return tuple(range(2, 2 + ndim))
+
+
+def test_each_entry_decides_its_parameter() -> None:
+    """A layer at each entry's class path gets the entry's decision and averaged dims in describe().
+
+    One test over all entries (some 600): a test each would spend most of the time budget in pytest itself.
+    """
+    wrong = [problem for entry in THIRD_PARTY_LAYOUTS if (problem := _decision_problem(entry))]
+    assert not wrong, "\n".join(wrong)
+
+
+def _decision_problem(entry: third_party_layouts.LayerLayout) -> str:
+    name = _concrete_name(entry.param)
+    shape = _shape_for(entry.out_dims)
+    layer = stand_in(entry.class_path)()
+    groups = 1
+    if entry.groups_attr is not None:
+        groups = 2
+        setattr(layer, entry.groups_attr, groups)
+    setattr(layer, name, nn.Parameter(torch.zeros(shape)))
+    (row,) = [r for r in lightning_gc.describe(layer, exclude_modules=[]).rows if r.name == name]
+    where = f"{entry.class_path}.{name} {shape}: {row}"
+    if entry.out_dims is None:
+        return "" if row.decision == "skipped" and row.reason == entry.reason else where
+    averaged = tuple(d for d in range(len(shape)) if d not in entry.out_dims)
+    ok = row.decision == "centralized" and row.dims == averaged and row.layout is not None
+    return "" if ok and row.layout.groups == groups else where
