@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+import lightning_gc
+
 
 @dataclass(frozen=True)
 class Units:
@@ -147,10 +149,33 @@ def assert_no_unit_zeroed(name: str, grad: Tensor, truth: Units) -> None:
     assert bool((magnitude > 0).all()), f"{name}: GC zeroed the gradient of some output unit"
 
 
+def check_report(report: object, truths: dict[str, Truth]) -> None:
+    """``lightning_gc.describe``'s rows agree with the truths: decision, and the averaged dims where centralized."""
+    rows = {row.name: row for row in report.rows}  # type: ignore[attr-defined]
+    assert set(rows) == set(truths), f"report names differ: {sorted(set(rows) ^ set(truths))}"
+    wrong = []
+    for name, truth in truths.items():
+        row = rows[name]
+        if isinstance(truth, Skip):
+            if row.decision != "skipped":
+                wrong.append(f"{name}: reported {row.decision} {row.dims}, must be skipped ({truth.why})")
+        elif row.decision == "skipped" or row.dims != truth.averaged_dims(len(row.shape)):
+            wrong.append(
+                f"{name}: reported {row.decision} {row.dims} ({row.reason}), truth averages {truth.averaged_dims(len(row.shape))}"
+            )
+    assert not wrong, "\n".join(wrong)
+
+
 def run_and_check(
-    model: nn.Module, table: Sequence[tuple[str, Truth]], centralize: Callable[[nn.Module], object], seed: int = 0
+    model: nn.Module,
+    table: Sequence[tuple[str, Truth]],
+    centralize: Callable[[nn.Module], object],
+    seed: int = 0,
+    **gc_options: object,
 ) -> dict[str, Truth]:
-    """Offset gradients, ``centralize(model)``, then :func:`check_centralization`."""
+    """Offset gradients, ``centralize(model)``, then :func:`check_centralization` and the describe() report."""
     originals = set_offset_gradients(model, seed)
     centralize(model)
-    return check_centralization(model, table, originals)
+    truths = check_centralization(model, table, originals)
+    check_report(lightning_gc.describe(model, **gc_options), truths)
+    return truths
