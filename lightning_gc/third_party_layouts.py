@@ -141,6 +141,10 @@ THIRD_PARTY_LAYOUTS: tuple[LayerLayout, ...] = (
     LayerLayout("transformers.models.convbert.modeling_convbert.SeparableConv1D", "bias", None, reason=_BIAS),
     # phi4_multimodal/modeling_phi4_multimodal.py Phi4MultimodalAudioGluPointWiseConv: b1, b2 `torch.zeros(1, C, 1)`
     LayerLayout("transformers.models.phi4_multimodal.modeling_phi4_multimodal.Phi4MultimodalAudioGluPointWiseConv", "b[12]", None, reason=_BIAS),
+    # layoutlmv2/modeling_layoutlmv2.py LayoutLMv2SelfAttention: q_bias, v_bias `torch.zeros(1, 1, all_head_size)`
+    LayerLayout("transformers.models.layoutlmv2.modeling_layoutlmv2.LayoutLMv2SelfAttention", "[qv]_bias", None, reason=_BIAS),
+    # integrations/mxfp4.py Mxfp4GptOssExperts: frozen uint8 expert weights, float32 biases (E, out)
+    LayerLayout("transformers.integrations.mxfp4.Mxfp4GptOssExperts", "*_bias", None, reason=_EXPERT_BIAS),
     # mamba/falcon_mamba MambaMixer: A_log `torch.empty(intermediate_size, ssm_state_size)`
     LayerLayout("transformers.models.mamba.modeling_mamba.MambaMixer", "A_log", None, reason=_SSM),
     LayerLayout("transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer", "A_log", None, reason=_SSM),
