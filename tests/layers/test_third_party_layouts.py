@@ -159,12 +159,31 @@ def _dbrx_w2() -> tuple[nn.Module, str, Callable[[nn.Module], torch.Tensor]]:
     return experts, "mlp.w2", lambda m: m(tokens, chosen, torch.ones(4, 1, dtype=torch.float64))
 
 
+def _csm_codebooks_head() -> tuple[nn.Module, str, Callable[[nn.Module], torch.Tensor]]:
+    from transformers.models.csm.modeling_csm import CsmCodebooksHead
+
+    head = CsmCodebooksHead(hidden_size=4, num_codebooks=3, vocab_size=5)
+    nn.init.normal_(head.weight)
+    hidden = torch.randn(2, 2, 4, dtype=torch.float64)
+    return head, "weight", lambda m: m(hidden, codebook_indices=torch.tensor([1, 2]))
+
+
+def _jetmoe_parallel_experts() -> tuple[nn.Module, str, Callable[[nn.Module], torch.Tensor]]:
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeParallelExperts
+
+    experts = JetMoeParallelExperts(num_experts=2, input_size=4, output_size=3)
+    nn.init.normal_(experts.weight)
+    return experts, "weight", lambda m: m(torch.randn(5, 4, dtype=torch.float64), [2, 3])
+
+
 FORWARD_CASES: dict[str, tuple[Callable[[], tuple[nn.Module, str, Callable[[nn.Module], torch.Tensor]]], Units]] = {
     "Conv1D": (_conv1d, Units((1,))),
     "GroupedLinearLayer": (_grouped_linear, Units((0, 2))),
     "MoshiFlexibleLinear": (_moshi_flexible_linear, Units((0, 1))),
     "Llama4TextExperts.down_proj": (_llama4_experts, Units((0, 2))),
     "DbrxExpertGLU.w2": (_dbrx_w2, Units((1,), groups=2)),
+    "CsmCodebooksHead": (_csm_codebooks_head, Units((0, 2))),
+    "JetMoeParallelExperts": (_jetmoe_parallel_experts, Units((0, 1))),
 }
 
 
