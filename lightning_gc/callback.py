@@ -83,7 +83,7 @@ class GradientCentralization(Callback):
         mode: Mode = "channel",
         centralize_weight_decay: bool = False,
         exclude: Sequence[str] | str = (),
-        exclude_modules: Sequence[str | type] | str | type = DEFAULT_EXCLUDED_MODULES,
+        exclude_modules: Sequence[str | type] = DEFAULT_EXCLUDED_MODULES,
         log_diagnostics: bool = True,
         compile: bool | str = False,
         apply_to: ApplyTo = "gradient",

@@ -2,7 +2,7 @@
 
 The callback, :func:`~lightning_gc.centralize_gradients`, :func:`~lightning_gc.describe` and
 ``centralize_updates`` all build a :class:`GCConfig` from what the user passed, with no conversion of
-their own: a single string for ``exclude`` or ``exclude_modules`` is one entry, ``None`` or a wrong type is
+their own: a single string for ``exclude`` is one pattern, for ``exclude_modules`` an error, ``None`` or a wrong type is
 a ``ValueError`` naming the argument and what it accepts.
 """
 
@@ -25,7 +25,8 @@ APPLY_TO: tuple[str, ...] = ("gradient", "update")
 class GCConfig:
     """Validated GC options; see :class:`lightning_gc.GradientCentralization` for their meaning.
 
-    ``exclude`` and ``exclude_modules`` accept one entry or a sequence of entries and are stored as tuples.
+    ``exclude`` accepts one pattern or a sequence of them; ``exclude_modules`` a sequence of classes or class
+    names (a lone name is refused, so that ``"Linear"`` is never read as its letters). Both are stored as tuples.
 
     Raises:
         ValueError: naming the argument and the accepted values, for any invalid option.
@@ -111,9 +112,7 @@ def _patterns(value: Any) -> tuple[str, ...]:
 
 
 def _module_specs(value: Any) -> tuple[ModuleSpec, ...]:
-    if isinstance(value, (str, type)):
-        value = (value,)
-    if not isinstance(value, Sequence):
+    if isinstance(value, (str, type)) or not isinstance(value, Sequence):  # a lone name is refused, as always
         raise ValueError(
             f"`exclude_modules` must be a module class or class name, or a list of them (e.g. ['Embedding']), got {value!r}"
         )

@@ -26,7 +26,7 @@ def centralize_gradients(
     mode: Mode = "channel",
     centralize_weight_decay: bool = False,
     exclude: Sequence[str] | str = (),
-    exclude_modules: Sequence[ModuleSpec] | ModuleSpec = DEFAULT_EXCLUDED_MODULES,
+    exclude_modules: Sequence[ModuleSpec] = DEFAULT_EXCLUDED_MODULES,
     compute_stats: bool = False,
     compile: bool | str = False,
 ) -> GCStats:

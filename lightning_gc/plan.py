@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.executor import Executor
 from lightning_gc.errors import warn as warn_user
 from lightning_gc.layouts import Mode
-from lightning_gc.selection import Selection, Target
+from lightning_gc.selection import Selection, Target, select
 from lightning_gc.sharding.guard import check_dense_gradient
 from lightning_gc.unit import Unit
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from lightning_gc.config import GCConfig
 
 Warn = Callable[[str], None]
 
@@ -61,7 +67,7 @@ class GCPlan:
         self.mode = mode
         self.selection = selection
         self._warn = warn
-        self._strategy_name = strategy_name
+        self.strategy_name = strategy_name
         self._sparse_warned = False
         self._params = [target.param for target in targets]
         self._shapes = [param.shape for param in self._params]
@@ -108,7 +114,7 @@ class GCPlan:
                 self._warn_sparse(target)
                 grads[index] = None
                 continue
-            check_dense_gradient(target, grad, self._strategy_name)
+            check_dense_gradient(target, grad, self.strategy_name)
         return grads
 
     def _warn_sparse(self, target: Target) -> None:
@@ -118,6 +124,28 @@ class GCPlan:
                 f"GradientCentralization skips sparse gradients (first seen: `{target.name}`, e.g. from"
                 " `nn.Embedding(sparse=True)`): GC needs every entry of a row. Exclude the parameter to silence this."
             )
+
+
+def dense_plan(
+    model_or_params: nn.Module | Iterable[nn.Parameter],
+    config: GCConfig | None = None,
+    optimizer: Optimizer | None = None,
+    *,
+    warn: Warn = warn_user,
+) -> GCPlan:
+    """A :class:`GCPlan` straight from :func:`~lightning_gc.selection.select`: no cache, no adapter.
+
+    What the dense adapter builds; for benchmarks and tests of the dense routes.
+
+    Example:
+        >>> [t.name for t in dense_plan(nn.Sequential(nn.Linear(3, 2))).targets]
+        ['0.weight']
+    """
+    from lightning_gc.config import GCConfig
+
+    config = config if config is not None else GCConfig()
+    selection = select(model_or_params, config, optimizer, warn=warn)
+    return GCPlan(selection.targets, config.mode, compile=config.compile, warn=warn, selection=selection)
 
 
 def _sum_of_squares(grads: list[Tensor]) -> Tensor:

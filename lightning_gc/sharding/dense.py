@@ -11,8 +11,7 @@ from torch.optim import Optimizer
 
 from lightning_gc.config import GCConfig
 from lightning_gc.errors import warn as warn_user
-from lightning_gc.plan import GCPlan
-from lightning_gc.selection import select
+from lightning_gc.plan import GCPlan, dense_plan
 
 
 @dataclass(frozen=True)
@@ -37,12 +36,6 @@ class DenseAdapter:
         params: list[nn.Parameter] | None = None,
         warn: Callable[[str], None] = warn_user,
     ) -> GCPlan:
-        selection = select(module if module is not None else params or [], config, optimizer, warn=warn)
-        return GCPlan(
-            selection.targets,
-            config.mode,
-            compile=config.compile,
-            warn=warn,
-            strategy_name=self.strategy_name,
-            selection=selection,
-        )
+        plan = dense_plan(module if module is not None else params or [], config, optimizer, warn=warn)
+        plan.strategy_name = self.strategy_name
+        return plan
