@@ -141,8 +141,10 @@ def removed_sq_norm(mean: Tensor, numel: int) -> Tensor:
     """Squared L2 norm of what :func:`centralize_` removed, from its returned mean alone.
 
     The removed part is ``mean`` broadcast over ``numel // mean.numel()`` entries per unit, so no pass over
-    the gradient is needed.
+    the gradient is needed. An empty mean (a shard holding no output unit) removed nothing.
     """
+    if mean.numel() == 0:
+        return mean.new_zeros((), dtype=torch.promote_types(mean.dtype, torch.float32))
     return mean.to(torch.promote_types(mean.dtype, torch.float32)).square().sum() * (numel // mean.numel())
 
 

@@ -88,8 +88,7 @@ def adapter_case(case: Case) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor, init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from lightning_gc.centralize import RowLayout
-    from lightning_gc.plan import PlannedTarget
+    from lightning_gc.layouts import RowLayout
     from lightning_gc.selection import Target
     from lightning_gc.sharding.dtensor import DTensorPlan
     from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
@@ -104,8 +103,8 @@ def adapter_case(case: Case) -> dict[str, Any]:
         param_codes = case.param or tuple("R" if c == "P" else c for c in case.grad)
         param = nn.Parameter(_distribute(weight, mesh, param_codes))
         param.grad = _distribute(grad, mesh, case.grad)
-    target = Target(param, "layer.weight", RowLayout(case.out_dim, case.groups))
-    plan = DTensorPlan([PlannedTarget(target, case.decay)], case.mode)  # type: ignore[arg-type]
+    target = Target(param, "layer.weight", RowLayout((case.out_dim,), case.groups), case.decay)
+    plan = DTensorPlan([target], case.mode)  # type: ignore[arg-type]
 
     reduced: list[int] = []
     original_all_reduce = dist.all_reduce

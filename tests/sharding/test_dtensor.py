@@ -175,15 +175,14 @@ def test_lightning_refuses_the_precisions_the_support_matrix_marks_refused(preci
 def test_dtensor_plan_on_plain_gradients_in_one_process_is_dense_gc():
     from reference import gc_reference
 
-    from lightning_gc.centralize import RowLayout
-    from lightning_gc.plan import PlannedTarget
+    from lightning_gc.layouts import RowLayout
     from lightning_gc.selection import Target
     from lightning_gc.sharding.dtensor import DTensorPlan
 
     param = torch.nn.Parameter(torch.randn(4, 3, 2))
     param.grad = torch.randn(4, 3, 2)
     before = param.grad.clone()
-    stats = DTensorPlan([PlannedTarget(Target(param, "w", RowLayout(out_dim=1)))], "channel").apply(compute_stats=True)
+    stats = DTensorPlan([Target(param, "w", RowLayout(out_dims=(1,)))], "channel").apply(compute_stats=True)
     torch.testing.assert_close(param.grad.double(), gc_reference(before, out_dim=1))
     assert stats.grad_sq == pytest.approx(float(before.square().sum()), rel=1e-6)
 
@@ -205,4 +204,4 @@ def test_an_unknown_placement_is_refused_naming_the_parameter():
 
     grad = type("FakeGrad", (), {"device_mesh": Mesh(), "placements": (Interleaved(),), "shape": torch.Size((4, 3))})
     with pytest.raises(UnsupportedGradientLayoutError, match=r"`blocks.0.weight`.*Interleaved"):
-        _Layout.of(grad, "blocks.0.weight", out_dim=0, conv_groups=1, mode="channel")
+        _Layout.of(grad, "blocks.0.weight", out_dims=(0,), conv_groups=1, mode="channel")
