@@ -113,6 +113,11 @@ class GradientCentralization(Callback):
         self._reported = False
 
     @property
+    def plans(self) -> list[AppliesGC]:
+        """The plans in use, one per optimizer (and module) seen since ``setup``."""
+        return self._plans.plans()
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(config=self.config.key())
 

@@ -79,9 +79,21 @@ class PlanCache:
         plans[key] = (signature, plan)
         return plan
 
+    def plans(self) -> list[AppliesGC]:
+        """Every plan cached now (for inspection: which adapter, which targets, bytes communicated)."""
+        return [plan for per_owner in self._plans.values() for _, plan in per_owner.values()]
+
     def clear(self) -> None:
         """Forget every plan."""
         self._plans = WeakIdKeyDictionary()
+
+    def __getstate__(self) -> dict[str, int]:
+        """Pickled empty (``ddp_spawn`` pickles callbacks): plans hold this process's tensors, never another's."""
+        return {"builds": self.builds}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.builds = state.get("builds", 0)
 
     def __len__(self) -> int:
         """How many owners have plans."""

@@ -115,3 +115,12 @@ def test_callback_and_functional_share_the_cache_class():
 
     assert isinstance(GradientCentralization()._plans, PlanCache)
     assert isinstance(functional._PLANS, PlanCache)
+
+
+def test_a_cache_pickles_empty_for_spawned_processes():
+    import pickle
+
+    cache, model = PlanCache(), nn.Linear(4, 3)
+    cache.plan(DenseAdapter(), GCConfig(), model)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert len(copy) == 0 and copy.plans() == []
