@@ -53,7 +53,9 @@ class CompiledCentralizer:
             eagerly, with float32 copies of half-precision gradients.
     """
 
-    def __init__(self, warn: Callable[[str], None] = warn_user, backend: str = "inductor", max_variants: int = 2) -> None:
+    def __init__(
+        self, warn: Callable[[str], None] = warn_user, backend: str = "inductor", max_variants: int = 2
+    ) -> None:
         self._warn = warn
         self.backend = backend
         self.max_variants = max_variants

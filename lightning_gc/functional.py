@@ -75,7 +75,9 @@ def centralize_gradients(
 
 
 def plan_for(
-    model_or_params: nn.Module | Iterable[nn.Parameter], optimizer: Optimizer | None = None, config: GCConfig | None = None
+    model_or_params: nn.Module | Iterable[nn.Parameter],
+    optimizer: Optimizer | None = None,
+    config: GCConfig | None = None,
 ) -> AppliesGC:
     """The plan :func:`centralize_gradients` applies for these arguments, from the shared cache.
 
@@ -103,7 +105,9 @@ def plan_for(
     elif isinstance(model_or_params, Iterable) and not isinstance(model_or_params, (str, bytes)):
         target = list(model_or_params)  # read twice: for the cache signature and for planning
     else:
-        raise ValueError(f"`model_or_params` must be an nn.Module or an iterable of parameters, got {model_or_params!r}")
+        raise ValueError(
+            f"`model_or_params` must be an nn.Module or an iterable of parameters, got {model_or_params!r}"
+        )
     adapter = adapter_for_model(target)
     before = _PLANS.builds
     plan = _PLANS.plan(adapter, config, target, optimizer, warn)

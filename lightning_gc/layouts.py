@@ -336,7 +336,9 @@ def layer_layout(
 LAYOUT_SPEC_KEYS = ("layer", "param", "out_dims", "groups_attr", "reason")
 
 
-def layouts_from_specs(specs: Iterable[Mapping[str, Any] | LayerLayout], argument: str = "layouts") -> tuple[LayerLayout, ...]:
+def layouts_from_specs(
+    specs: Iterable[Mapping[str, Any] | LayerLayout], argument: str = "layouts"
+) -> tuple[LayerLayout, ...]:
     """Entries from config-file specs ``{"layer": "pkg.Mod", "param": "w", "out_dims": [1]}`` (LightningCLI).
 
     Raises:

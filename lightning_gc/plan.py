@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gc.diagnostics import GCStats
-from lightning_gc.executor import Executor
 from lightning_gc.errors import warn as warn_user
+from lightning_gc.executor import Executor
 from lightning_gc.layouts import Mode
 from lightning_gc.selection import Selection, Target, select
 from lightning_gc.sharding.guard import check_dense_gradient

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from lightning_gc.layouts import DIM0, REGISTRY, Mode, RowLayout
 
@@ -172,7 +173,7 @@ class Selector:
     def decide(self, owner: Owner, shape: Sequence[int], requires_grad: bool = True) -> Choice:
         """The decision for a parameter of logical ``shape`` owned by ``owner``."""
         shape = tuple(int(s) for s in shape)
-        module_type = type(owner.module).__name__ if owner.module is not None else ""
+        module_type = _type_name(owner.module)
 
         def skip(reason: str) -> Choice:
             return Choice(owner.name, shape, module_type, "skipped", reason=reason)
@@ -213,7 +214,9 @@ class Selector:
             return skip(f"registered output dims {entry.out_dims if entry else ()} do not fit shape {shape}")
         if layout.entries_per_unit(shape, self.mode) <= 1:
             return skip("every averaged dim has size 1: GC would zero this gradient")
-        return Choice(owner.name, shape, module_type, decision, layout, layout.averaged_dims(len(shape), self.mode), reason)
+        return Choice(
+            owner.name, shape, module_type, decision, layout, layout.averaged_dims(len(shape), self.mode), reason
+        )
 
     def unmatched_patterns(self, names: Iterable[str]) -> list[str]:
         """``exclude`` patterns that match none of ``names``."""
@@ -289,11 +292,15 @@ def select(
         group_choices = []
         for index, param in enumerate(params):
             owner = owners.get(param) or Owner(f"param_{index}")
+            if is_lazy(param):  # a Lazy layer before its first forward: no shape yet
+                reason = "uninitialized (a Lazy layer before its first forward): no shape to plan for yet"
+                group_choices.append((param, Choice(owner.name, (), _type_name(owner.module), "skipped", reason=reason)))
+                continue
             group_choices.append((param, selector.decide(owner, param.shape, param.requires_grad)))
         decay = 0.0
-        if optimizer is not None and group is not None and config.centralize_weight_decay:
-            if any(c.selected for _, c in group_choices):
-                decay = decay_for_group(optimizer, group, warn or quiet)
+        selected = any(c.selected for _, c in group_choices)
+        if optimizer is not None and group is not None and config.centralize_weight_decay and selected:
+            decay = decay_for_group(optimizer, group, warn or quiet)
         for param, choice in group_choices:
             choices.append(choice)
             if choice.selected:
@@ -446,6 +453,10 @@ def _assumed_reason(owner: Owner) -> str:
         f"no layout registered for {type(owner.module).__name__}.{owner.attr}: dim 0 taken as the output dim;"
         f" exclude=[{owner.name!r}] or lightning_gc.register_layout({path!r}, {owner.attr!r}, out_dims=...)"
     )
+
+
+def _type_name(module: nn.Module | None) -> str:
+    return type(module).__name__ if module is not None else ""
 
 
 def _path(module: nn.Module) -> str:

@@ -8,10 +8,9 @@ records; nothing here asserts a time.
 
 from __future__ import annotations
 
-from dataclasses import replace
-import gc
 import shutil
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,13 +18,13 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_gc import centralize_gradients
-from lightning_gc.functional import plan_for
 from lightning_gc.centralize import centralize_, row_mean
 from lightning_gc.compiled import CompiledCentralizer
+from lightning_gc.config import GCConfig
 from lightning_gc.executor import Executor
+from lightning_gc.functional import plan_for
 from lightning_gc.layouts import RowLayout
 from lightning_gc.native import kernel as native_kernel
-from lightning_gc.config import GCConfig
 from lightning_gc.plan import GCPlan, dense_plan
 from lightning_gc.selection import select
 

@@ -110,8 +110,7 @@ def test_the_cache_does_not_keep_models_alive():
 
 
 def test_callback_and_functional_share_the_cache_class():
-    from lightning_gc import GradientCentralization
-    from lightning_gc import functional
+    from lightning_gc import GradientCentralization, functional
 
     assert isinstance(GradientCentralization()._plans, PlanCache)
     assert isinstance(functional._PLANS, PlanCache)

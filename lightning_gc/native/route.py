@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 

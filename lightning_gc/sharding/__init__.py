@@ -45,8 +45,11 @@ class LayoutAdapter(Protocol):
     ``dense`` says whether its plans run the dense routes (where ``compile`` applies).
     """
 
-    dense: bool
-    strategy_name: str
+    @property
+    def dense(self) -> bool: ...
+
+    @property
+    def strategy_name(self) -> str: ...
 
     def build_plan(
         self,

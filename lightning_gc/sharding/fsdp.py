@@ -346,4 +346,6 @@ def _dense_plan(
         return None
     # the FSDP plan warns about the selection as a whole
     selection = select(module, config, optimizer, only=leftovers)
-    return GCPlan(selection.targets, config.mode, warn=lambda message: None, strategy_name=strategy_name, selection=selection)
+    return GCPlan(
+        selection.targets, config.mode, warn=lambda message: None, strategy_name=strategy_name, selection=selection
+    )

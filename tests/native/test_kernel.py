@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+
 import pytest
 import torch
 from kernel_calls import call_kernel
@@ -10,8 +11,8 @@ from reference import gc_reference, row_mean_reference, ulp_tolerance
 from torch import nn
 
 from lightning_gc import native
-from lightning_gc.native.route import NativeRoute
 from lightning_gc.config import GCConfig
+from lightning_gc.native.route import NativeRoute
 from lightning_gc.plan import GCPlan, dense_plan
 from lightning_gc.selection import select
 
