@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names of _EXPORTS, for type checkers and IDEs
     from lightning_gc.callback import GradientCentralization as GradientCentralization
     from lightning_gc.config import GCConfig as GCConfig
-    from lightning_gc.describe import SelectionReport as SelectionReport
-    from lightning_gc.describe import describe as describe
+    from lightning_gc.selection_report import SelectionReport as SelectionReport
+    from lightning_gc.selection_report import describe as describe
     from lightning_gc.diagnostics import GCStats as GCStats
     from lightning_gc.errors import UnsupportedGradientLayoutError as UnsupportedGradientLayoutError
     from lightning_gc.functional import centralize_gradients as centralize_gradients
@@ -32,10 +32,10 @@ _EXPORTS = {
     "GradientCentralization": "lightning_gc.callback",
     "LayerLayout": "lightning_gc.layouts",
     "RowLayout": "lightning_gc.layouts",
-    "SelectionReport": "lightning_gc.describe",
+    "SelectionReport": "lightning_gc.selection_report",
     "UnsupportedGradientLayoutError": "lightning_gc.errors",
     "centralize_gradients": "lightning_gc.functional",
-    "describe": "lightning_gc.describe",
+    "describe": "lightning_gc.selection_report",
     "register_layout": "lightning_gc.layouts",
     "select": "lightning_gc.selection",
 }

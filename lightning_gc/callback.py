@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_gc.config import ApplyTo, GCConfig, check_bool
-from lightning_gc.describe import SelectionReport
+from lightning_gc.selection_report import SelectionReport
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.layouts import REGISTRY, LayerLayout, Mode, layouts_from_specs
 from lightning_gc.plan_cache import PlanCache

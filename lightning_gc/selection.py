@@ -92,7 +92,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Choice:
-    """What the selection decided for one parameter (a row of :class:`~lightning_gc.describe.SelectionReport`).
+    """What the selection decided for one parameter (a row of :class:`~lightning_gc.selection_report.SelectionReport`).
 
     Args:
         name: the user's name of the parameter.
