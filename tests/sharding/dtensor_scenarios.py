@@ -135,6 +135,62 @@ def adapter_case(case: Case) -> dict[str, Any]:
     }
 
 
+class Conv1D(nn.Module):
+    """A stand-in named like ``transformers.pytorch_utils.Conv1D`` (GPT-2): weight stored ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+def registry_layers() -> nn.Module:
+    """A GPT-2-style Conv1D and a weight-norm-parametrized linear layer, as the layout registry sees them."""
+    torch.manual_seed(0)
+    return nn.Sequential(Conv1D(5, 7), nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)))
+
+
+def registry_layers_grads() -> dict[str, torch.Tensor]:
+    """Float64 gradients with a different non-zero mean along every axis, by parameter name."""
+    gen = torch.Generator().manual_seed(3)
+    grads = {}
+    for name, p in registry_layers().named_parameters():
+        grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        for d in range(grad.ndim):
+            view = [1] * grad.ndim
+            view[d] = -1
+            grad = grad + 2 * torch.randn(grad.shape[d], generator=gen, dtype=torch.float64).view(view)
+        grads[name] = grad
+    return grads
+
+
+def registry_layers_case(placement: str) -> dict[str, Any]:
+    """Shard every parameter with ``placement`` and centralize through the DTensor adapter's own selection."""
+    from torch.distributed.tensor import DTensor, init_device_mesh
+
+    from lightning_gc.config import GCConfig
+    from lightning_gc.sharding.dtensor import DTensorAdapter
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = registry_layers()
+    grads = registry_layers_grads()
+    for name, p in list(model.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        codes = (placement,) if p.ndim > int(placement[1:]) else ("R",)
+        param = nn.Parameter(_distribute(p.detach().double().float(), mesh, codes))
+        param.grad = _distribute(grads[name].float(), mesh, codes)
+        model.get_submodule(owner).register_parameter(attr, param)
+    plan = DTensorAdapter().build_plan(GCConfig(), module=model)
+    plan.apply()
+    return {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).double().numpy()
+        for n, p in model.named_parameters()
+    }
+
+
 # --------------------------------------------------------------------------------------------- Trainer runs
 
 

@@ -65,6 +65,23 @@ def test_adapter_centralizes_exactly_and_reduces_only_row_sums(ranks, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("placement", ["S0", "S1"])
+def test_conv1d_and_parametrized_layers_are_centralized_along_their_real_output_dims(ranks, placement):
+    from dtensor_scenarios import registry_layers_case, registry_layers_grads
+
+    grads = registry_layers_grads()
+    expected = {
+        "0.weight": grads["0.weight"] - grads["0.weight"].mean(dim=0, keepdim=True),  # (in, out): per column
+        "1.parametrizations.weight.original1": grads["1.parametrizations.weight.original1"]
+        - grads["1.parametrizations.weight.original1"].mean(dim=1, keepdim=True),
+    }
+    for result in ranks.run(registry_layers_case, placement):
+        for name, grad in grads.items():
+            want = expected.get(name, grad)  # biases and the weight-norm magnitude: untouched
+            torch.testing.assert_close(torch.from_numpy(result[name]), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 def test_partial_gradient_is_left_in_the_weights_layout(ranks):
     results = ranks.run(adapter_case, Case((7, 5), ("P",), param=("S0",)))
     assert all(r["placements"] == "(Shard(dim=0),)" for r in results)
