@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names of _EXPORTS, for type checkers and IDEs
     from lightning_gc.callback import GradientCentralization as GradientCentralization
     from lightning_gc.config import GCConfig as GCConfig
-    from lightning_gc.selection_report import SelectionReport as SelectionReport
-    from lightning_gc.selection_report import describe as describe
     from lightning_gc.diagnostics import GCStats as GCStats
     from lightning_gc.errors import UnsupportedGradientLayoutError as UnsupportedGradientLayoutError
     from lightning_gc.functional import centralize_gradients as centralize_gradients
@@ -23,6 +21,8 @@ if TYPE_CHECKING:  # the names of _EXPORTS, for type checkers and IDEs
     from lightning_gc.layouts import RowLayout as RowLayout
     from lightning_gc.layouts import register_layout as register_layout
     from lightning_gc.selection import select as select
+    from lightning_gc.selection_report import SelectionReport as SelectionReport
+    from lightning_gc.selection_report import describe as describe
 
 # Imported on first use (PEP 562): the `lightning-gc` command (e.g. `new --list`) then starts without
 # importing torch and Lightning, which takes seconds.

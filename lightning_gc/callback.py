@@ -8,16 +8,16 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info
+from lightning_utilities.core.rank_zero import rank_zero_debug, rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_gc.config import ApplyTo, GCConfig, check_bool
-from lightning_gc.selection_report import SelectionReport
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.layouts import REGISTRY, LayerLayout, Mode, layouts_from_specs
 from lightning_gc.plan_cache import PlanCache
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, Selection
+from lightning_gc.selection_report import SelectionReport
 from lightning_gc.sharding import AppliesGC, LayoutAdapter, adapter_for, warn_if_compile_unused
 
 Report = Literal["summary", "table", "none"]

@@ -131,8 +131,9 @@ def centralize_view_(
     if per_block >= size:
         return _centralize_block_(viewed, dims, None, scratch, weight, coefficient)
     mean = viewed.new_empty(_keepdim_shape(viewed, dims), dtype=accumulation_dtype(viewed.dtype))
-    weights = weight.split(per_block, unit_dim) if weight is not None else None
-    for index, (block, out) in enumerate(zip(viewed.split(per_block, unit_dim), mean.split(per_block, unit_dim))):
+    weights = torch.split(weight, per_block, unit_dim) if weight is not None else None
+    blocks = zip(torch.split(viewed, per_block, unit_dim), torch.split(mean, per_block, unit_dim))
+    for index, (block, out) in enumerate(blocks):
         _centralize_block_(block, dims, out, scratch, weights[index] if weights is not None else None, coefficient)
     return mean
 
@@ -236,7 +237,7 @@ def _slices(tensor: Tensor, dims: tuple[int, ...], block_elements: int) -> tuple
     """``tensor`` cut along its longest reduced dim into slices of at most ``block_elements`` entries."""
     dim = max(dims, key=lambda d: tensor.shape[d])
     per = max(1, block_elements // max(1, tensor.numel() // max(1, tensor.shape[dim])))
-    return tensor.split(per, dim)
+    return torch.split(tensor, per, dim)
 
 
 def _blocked_mean(viewed: Tensor, dims: tuple[int, ...], unit_dim: int | None, scratch: Tensor) -> Tensor:
@@ -245,7 +246,7 @@ def _blocked_mean(viewed: Tensor, dims: tuple[int, ...], unit_dim: int | None, s
     size = viewed.shape[unit_dim]
     per_block = max(1, scratch.numel() // max(1, viewed.numel() // max(1, size)))
     mean = torch.empty(_keepdim_shape(viewed, dims), dtype=torch.float32)
-    for block, out in zip(viewed.split(per_block, unit_dim), mean.split(per_block, unit_dim)):
+    for block, out in zip(torch.split(viewed, per_block, unit_dim), torch.split(mean, per_block, unit_dim)):
         if block.numel() > scratch.numel():
             out.copy_(_sliced_mean(block, dims, scratch))
         else:

@@ -34,7 +34,7 @@ def centralize_all_(grads: list[Tensor], specs: tuple[Spec, ...]) -> Tensor:
     """
     removed = []
     for grad, (dims, groups) in zip(grads, specs):
-        viewed = grad.unflatten(0, (groups, -1)) if groups > 1 else grad
+        viewed = torch.unflatten(grad, 0, (groups, -1)) if groups > 1 else grad
         values = viewed.float() if viewed.dtype in (torch.float16, torch.bfloat16) else viewed
         mean = values.mean(dim=dims, keepdim=True)
         viewed.copy_(values - mean)
@@ -76,7 +76,8 @@ class CompiledCentralizer:
             if self._fn is None:
                 fn = _own_copy(centralize_all_)
                 self._fn = torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False)
-            return self._fn(grads, specs)
+            result: Tensor = self._fn(grads, specs)
+            return result
         except Exception as error:
             # Compilation happens before the graph runs, so the gradients are untouched here.
             self.unavailable = True

@@ -100,9 +100,7 @@ class Executor:
             leftovers = [self._unit_index(j) for j in self.native.run(pending, grad_scale, removed)]
         for stack in self.stacks:
             # autograd refuses a .grad of another dtype than its parameter, so members share the stack's dtype
-            members = [grads[i] for i in stack.indices if i not in done]
-            if any(g is None for g in members):
-                members = [g for g in members if g is not None]
+            members = [g for i in stack.indices if i not in done and (g := grads[i]) is not None]
             if len(members) < 2:
                 leftovers.extend(i for i in stack.indices if grads[i] is not None and i not in done)
                 continue
@@ -139,7 +137,7 @@ class Executor:
 
 def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list[Stack]:
     """Group the small, undecayed, ungrouped ``candidates`` by (shape, dtype, device, dims)."""
-    keyed: dict[tuple[object, ...], list[int]] = {}
+    keyed: dict[tuple[torch.Size, torch.dtype, torch.device, tuple[int, ...]], list[int]] = {}
     for index in candidates:
         u = units[index]
         if u.groups == 1 and not u.decay and u.numel * u.param.element_size() <= STACK_MAX_BYTES:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 Mode = Literal["channel", "tensor"]
@@ -99,7 +100,7 @@ class RowLayout:
 
         Splitting one dim is always a view, whatever the strides, so in-place work on it reaches ``tensor``.
         """
-        return tensor.unflatten(0, (self.groups, -1)) if self.groups > 1 else tensor
+        return torch.unflatten(tensor, 0, (self.groups, -1)) if self.groups > 1 else tensor
 
 
 DIM0 = RowLayout()
@@ -349,7 +350,7 @@ def layouts_from_specs(
         (1,)
     """
     if isinstance(specs, (str, Mapping, LayerLayout)):
-        specs = [specs]  # type: ignore[list-item]
+        specs = [specs]
     entries = []
     for spec in specs:
         if isinstance(spec, LayerLayout):

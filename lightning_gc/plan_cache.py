@@ -54,7 +54,7 @@ class PlanCache:
     ) -> AppliesGC:
         """The cached plan for these arguments, or a fresh one from ``adapter`` (cached when it has an owner)."""
         module = model_or_params if isinstance(model_or_params, nn.Module) else None
-        params = None if module is not None else list(model_or_params)
+        params = None if isinstance(model_or_params, nn.Module) else list(model_or_params)
 
         def build() -> AppliesGC:
             self.builds += 1
@@ -71,17 +71,18 @@ class PlanCache:
             signature = (plan_signature(optimizer), tuple(map(id, params)))
         else:
             signature = plan_signature(optimizer)
-        plans = self._plans.setdefault(owner, {})
+        plans: dict[Hashable, tuple[Hashable, AppliesGC]] = self._plans.setdefault(owner, {})  # type: ignore[no-untyped-call]
         cached = plans.get(key)
         if cached is not None and cached[0] == signature:
-            return cached[1]  # type: ignore[no-any-return]
+            return cached[1]
         plan = build()
         plans[key] = (signature, plan)
         return plan
 
     def plans(self) -> list[AppliesGC]:
         """Every plan cached now (for inspection: which adapter, which targets, bytes communicated)."""
-        return [plan for per_owner in self._plans.values() for _, plan in per_owner.values()]
+        per_owner: list[dict[Hashable, tuple[Hashable, AppliesGC]]] = list(self._plans.values())  # type: ignore[no-untyped-call]
+        return [plan for plans in per_owner for _, plan in plans.values()]
 
     def clear(self) -> None:
         """Forget every plan."""

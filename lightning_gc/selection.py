@@ -294,7 +294,9 @@ def select(
             owner = owners.get(param) or Owner(f"param_{index}")
             if is_lazy(param):  # a Lazy layer before its first forward: no shape yet
                 reason = "uninitialized (a Lazy layer before its first forward): no shape to plan for yet"
-                group_choices.append((param, Choice(owner.name, (), _type_name(owner.module), "skipped", reason=reason)))
+                group_choices.append(
+                    (param, Choice(owner.name, (), _type_name(owner.module), "skipped", reason=reason))
+                )
                 continue
             group_choices.append((param, selector.decide(owner, param.shape, param.requires_grad)))
         decay = 0.0

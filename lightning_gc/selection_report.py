@@ -45,7 +45,7 @@ class SelectionReport:
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """``decision -> (parameters, elements)`` for every decision."""
-        out = {d: (0, 0) for d in DECISIONS}
+        out: dict[str, tuple[int, int]] = {d: (0, 0) for d in DECISIONS}
         for row in self.rows:
             params, elements = out[row.decision]
             out[row.decision] = (params + 1, elements + math.prod(row.shape))

@@ -67,7 +67,7 @@ class Unit:
         )
 
     def __post_init__(self) -> None:
-        shape = self.param.shape  # as RowLayout.view would show it, without viewing (the param may be a DTensor)
+        shape: tuple[int, ...] = tuple(self.param.shape)  # as RowLayout.view shows it (the param may be a DTensor)
         if self.groups > 1:
             shape = (self.groups, shape[0] // self.groups, *shape[1:])
         self.output_units = math.prod(size for d, size in enumerate(shape) if d not in self.dims)

@@ -16,7 +16,11 @@ from lightning_gc.layouts import REGISTRY, unregister_layout
 def test_the_summary_is_logged_once_at_fit_start_and_the_table_at_debug_level(caplog):
     with caplog.at_level(logging.DEBUG, logger="lightning.pytorch.utilities.rank_zero"):
         trainer(callbacks=[GradientCentralization()], max_epochs=2).fit(TinyModule(), loader(make_batches(2)))
-    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "GradientCentralization:" in r.getMessage()]
+    infos = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.INFO and "GradientCentralization:" in r.getMessage()
+    ]
     debugs = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "decision" in r.getMessage()]
     assert len(infos) == 1 and "3 centralized" in infos[0]
     assert len(debugs) == 1 and "net.up.weight" in debugs[0]

@@ -95,11 +95,19 @@ LAYERS: dict[str, tuple[nn.Module, dict[str, tuple[tuple[int, ...], int]]]] = {
     ),
     "MultiheadAttention kdim": (
         nn.MultiheadAttention(8, 2, kdim=4, vdim=6),
-        {"q_proj_weight": ((0,), 1), "k_proj_weight": ((0,), 1), "v_proj_weight": ((0,), 1), "out_proj.weight": ((0,), 1)},
+        {
+            "q_proj_weight": ((0,), 1),
+            "k_proj_weight": ((0,), 1),
+            "v_proj_weight": ((0,), 1),
+            "out_proj.weight": ((0,), 1),
+        },
     ),
     "transformers Conv1D": (Conv1D(6, 4), {"weight": ((1,), 1)}),
     "LayerNorm 2-D": (nn.LayerNorm((3, 4)), {}),
-    "weight_norm Linear": (parametrizations.weight_norm(nn.Linear(4, 3)), {"parametrizations.weight.original1": ((0,), 1)}),
+    "weight_norm Linear": (
+        parametrizations.weight_norm(nn.Linear(4, 3)),
+        {"parametrizations.weight.original1": ((0,), 1)},
+    ),
     "weight_norm ConvTranspose2d": (
         parametrizations.weight_norm(nn.ConvTranspose2d(4, 6, 3, groups=2), dim=1),
         {"parametrizations.weight.original1": ((1,), 2)},
@@ -108,7 +116,10 @@ LAYERS: dict[str, tuple[nn.Module, dict[str, tuple[tuple[int, ...], int]]]] = {
         parametrizations.spectral_norm(nn.ConvTranspose2d(4, 6, 3)),
         {"parametrizations.weight.original": ((1,), 1)},
     ),
-    "weight_norm Conv1D": (parametrizations.weight_norm(Conv1D(6, 4), dim=1), {"parametrizations.weight.original1": ((1,), 1)}),
+    "weight_norm Conv1D": (
+        parametrizations.weight_norm(Conv1D(6, 4), dim=1),
+        {"parametrizations.weight.original1": ((1,), 1)},
+    ),
 }
 
 
@@ -135,7 +146,9 @@ def test_old_weight_and_spectral_norm_attributes_resolve_to_the_layer(kind):
     grads = fill(model)
     centralize_gradients(model)
     original = "0.weight_v" if kind == "weight_norm" else "0.weight_orig"
-    torch.testing.assert_close(model[0].get_parameter(original[2:]).grad.double(), unit_reference(grads[original], (1,), 2), **FLOAT32)
+    torch.testing.assert_close(
+        model[0].get_parameter(original[2:]).grad.double(), unit_reference(grads[original], (1,), 2), **FLOAT32
+    )
     if kind == "weight_norm":
         assert torch.equal(model[0].weight_g.grad.double(), grads["0.weight_g"])  # the magnitude: never
 
@@ -210,7 +223,9 @@ def test_register_layout_by_class_and_by_path_and_undo():
             model = nn.Sequential(Dense())
             grads = fill(model)
             centralize_gradients(model)
-            torch.testing.assert_close(model[0].kernel.grad.double(), unit_reference(grads["0.kernel"], (1,)), **FLOAT32)
+            torch.testing.assert_close(
+                model[0].kernel.grad.double(), unit_reference(grads["0.kernel"], (1,)), **FLOAT32
+            )
             assert describe(model).rows[0].decision == "centralized"
         finally:
             unregister_layout(entry)
@@ -291,7 +306,9 @@ def test_row_layout_dims(layout, ndim, mode, reduce_dims, averaged):
     assert layout.averaged_dims(ndim, mode) == averaged
 
 
-@pytest.mark.parametrize("kwargs", [{"out_dims": ()}, {"out_dims": (1, 1)}, {"groups": 0}, {"out_dims": (0,), "groups": 2}])
+@pytest.mark.parametrize(
+    "kwargs", [{"out_dims": ()}, {"out_dims": (1, 1)}, {"groups": 0}, {"out_dims": (0,), "groups": 2}]
+)
 def test_row_layout_refuses_what_cannot_be_a_layout(kwargs):
     with pytest.raises(ValueError):
         RowLayout(**kwargs)

@@ -27,7 +27,7 @@ from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.errors import UnsupportedGradientLayoutError
 from lightning_gc.errors import warn as warn_user
-from lightning_gc.selection import Owner, Selection, owners_of, warn_about_selection
+from lightning_gc.selection import Choice, Owner, Selection, owners_of, warn_about_selection
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
 from lightning_gc.sharding.row_reduce import PieceShardPlan, PieceTarget, ReduceGroup, row_sum_dtype
 from lightning_gc.weight_decay import decay_for_group
@@ -112,7 +112,7 @@ class _ZeroTarget(PieceTarget):
         flat = fragment.view(-1)
         if flat.numel() != self.piece.numel:  # the whole parameter's gradient kept on every rank (bf16 optimizer)
             flat = flat.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
-        return flat
+        return flat  # type: ignore[no-any-return]  # DeepSpeed is untyped
 
     def weight(self) -> Tensor | None:
         mapping = getattr(self.param, "_hp_mapping", None)
@@ -146,7 +146,8 @@ class ZeroPlan(PieceShardPlan):
             )
         owners = owners_of(module)
         selector = config.selector()
-        choices, chosen = [], []
+        choices: list[Choice] = []
+        chosen = []
         for index, params in enumerate(lp_groups):
             base_group = zero.optimizer.param_groups[index]
             decay = decay_for_group(zero.optimizer, base_group, warn) if config.centralize_weight_decay else 0.0
@@ -199,7 +200,7 @@ def _locate_fragments(group: ReduceGroup, strategy_name: str) -> None:
     everyone: list[list[tuple[int, int] | None]] = [[] for _ in range(dist.get_world_size(group.process_group))]
     dist.all_gather_object(everyone, mine, group=group.process_group)
     for k, target in enumerate(group.targets):
-        ranges = sorted(r[k] for r in everyone if r[k] is not None)  # type: ignore[type-var]
+        ranges = sorted(r for rank in everyone if (r := rank[k]) is not None)
         covered = 0
         for start, numel in ranges:
             if start != covered:
@@ -214,6 +215,7 @@ def _locate_fragments(group: ReduceGroup, strategy_name: str) -> None:
                 f" cover {covered} of its {target.rows.numel} entries."
             )
         target.cut_rows = target.rows.cut_rows(start for start, _ in ranges)
-        if mine[k] is not None:
-            start, numel = mine[k]  # type: ignore[misc]
+        local = mine[k]
+        if local is not None:
+            start, numel = local
             target.piece = RowSlice(target.rows, start, start + numel, group.device)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from lightning_gc.errors import warn as warn_user
 from lightning_gc.layouts import Mode
 from lightning_gc.selection import Selection, Target, select
 from lightning_gc.sharding.guard import check_dense_gradient
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 Warn = Callable[[str], None]
 
@@ -136,10 +139,10 @@ class DTensorPlan:
         if not _is_dtensor(grad) or grad.shape != target.param.shape:
             check_dense_gradient(target, grad, self._strategy_name)  # raises for a DTensor of the wrong shape
             return _Rows.build(grad, weight, target, _Layout.dense(grad.shape), self.mode, grad_scale)
-        grad = _normalized(target.param, grad, match_weight=weight is not None, name=target.name)
-        layout = _Layout.of(grad, target.name, target.layout.out_dims, target.layout.groups, self.mode)
-        local_weight = weight.to_local() if weight is not None and _is_dtensor(weight) else weight
-        return _Rows.build(grad.to_local(), local_weight, target, layout, self.mode, grad_scale)
+        sharded = _normalized(target.param, cast("DTensor", grad), match_weight=weight is not None, name=target.name)
+        layout = _Layout.of(sharded, target.name, target.layout.out_dims, target.layout.groups, self.mode)
+        local_weight = cast("DTensor", weight).to_local() if weight is not None and _is_dtensor(weight) else weight
+        return _Rows.build(sharded.to_local(), local_weight, target, layout, self.mode, grad_scale)
 
     def _warn_sparse(self, target: Target) -> None:
         if not self._sparse_warned:
@@ -175,7 +178,7 @@ class _Layout:
         return cls(shape, replicas=world)
 
     @classmethod
-    def of(cls, grad: Tensor, name: str, out_dims: tuple[int, ...], conv_groups: int, mode: Mode) -> _Layout:
+    def of(cls, grad: DTensor, name: str, out_dims: tuple[int, ...], conv_groups: int, mode: Mode) -> _Layout:
         """The layout of DTensor ``grad`` (no ``Partial`` placements), for rows along ``out_dims``."""
         mesh = grad.device_mesh
         replicas, splitting, sharded = 1, [], set()
@@ -279,11 +282,11 @@ def _complete_row_sums(rows: list[_Rows], keep_decay_apart: bool) -> None:
         flat = torch.cat([p.reshape(-1) for p in parts])
         for group in groups:
             torch.distributed.all_reduce(flat, group=group)
-        for part, reduced in zip(parts, flat.split([p.numel() for p in parts])):
+        for part, reduced in zip(parts, torch.split(flat, [p.numel() for p in parts])):
             part.copy_(reduced.view_as(part))
 
 
-def _normalized(param: Tensor, grad: Tensor, match_weight: bool, name: str) -> Tensor:
+def _normalized(param: Tensor, grad: DTensor, match_weight: bool, name: str) -> DTensor:
     """``grad``, redistributed (and assigned back to ``param.grad``) where GC cannot work in its layout.
 
     ``Partial`` mesh dims are reduced to the weight's placement there. The decay compensation needs the
@@ -308,11 +311,12 @@ def _normalized(param: Tensor, grad: Tensor, match_weight: bool, name: str) -> T
     return grad
 
 
-def _weight_placements(param: Tensor, grad: Tensor) -> tuple[Any, ...]:
+def _weight_placements(param: Tensor, grad: DTensor) -> tuple[Any, ...]:
     from torch.distributed.tensor import Replicate
 
-    same_mesh = _is_dtensor(param) and param.device_mesh == grad.device_mesh
-    return tuple(Replicate() if p.is_partial() else p for p in (param if same_mesh else grad).placements)
+    same_mesh = _is_dtensor(param) and cast("DTensor", param).device_mesh == grad.device_mesh
+    source = cast("DTensor", param) if same_mesh else grad
+    return tuple(Replicate() if p.is_partial() else p for p in source.placements)
 
 
 def _sharded_dim(placement: Any, name: str) -> int:
@@ -325,7 +329,7 @@ def _sharded_dim(placement: Any, name: str) -> int:
     return dim
 
 
-def _dim0_offset(grad: Tensor, name: str) -> int:
+def _dim0_offset(grad: DTensor, name: str) -> int:
     from torch.distributed.tensor import Shard
 
     if not all(p.is_replicate() or isinstance(p, Shard) for p in grad.placements):
@@ -341,7 +345,8 @@ def _dim0_offset(grad: Tensor, name: str) -> int:
 
 def _sq_norm(tensor: Tensor) -> Tensor:
     norm = torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))
-    return norm.float().square()
+    squared: Tensor = norm.float().square()
+    return squared
 
 
 def _all_reduce_world(tensor: Tensor) -> None:

@@ -124,12 +124,12 @@ class _FSDPTarget(PieceTarget):
                     f"GradientCentralization cannot centralize `{self.name}`: its `.grad` is no longer a view of"
                     " FSDP's sharded flat gradient (was it replaced between backward and the optimizer step?)."
                 )
-        return piece
+        return piece  # type: ignore[no-any-return]  # FSDP's handle is untyped
 
     def weight(self) -> Tensor | None:
         if self.piece is None:
             return None
-        return self.handle.flat_param.detach().narrow(0, self.offset, self.piece.numel)
+        return self.handle.flat_param.detach().narrow(0, self.offset, self.piece.numel)  # type: ignore[no-any-return]
 
 
 class FlatShardPlan(PieceShardPlan):

@@ -116,11 +116,13 @@ class ReduceGroup:
         ``grad_scale`` is the loss scale still in the gradients: it scales the decay compensation; the
         returned squares are *not* unscaled.
         """
-        live = [(t, g) for t in self.targets if (g := t.grad()) is not None]
-        sums = [t.piece.sums(g, self.dtype) for t, g in live]  # type: ignore[union-attr]
+        live = [(t, g) for t in self.targets if t.piece is not None and (g := t.grad()) is not None]
+        sums = [t.piece.sums(g, self.dtype) for t, g in live]  # type: ignore[union-attr]  # narrowed just above
         weight_sums = {
-            id(t): t.piece.sums(w, self.dtype) for t in self.targets if t.decay and (w := t.weight()) is not None
-        }  # type: ignore[union-attr]
+            id(t): t.piece.sums(w, self.dtype)
+            for t in self.targets
+            if t.decay and t.piece is not None and (w := t.weight()) is not None
+        }
         grad_sq = removed_local = None
         if compute_stats:
             grad_sq, removed_local = self._local_stats(live, sums)
