@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -188,17 +188,24 @@ transformers' ``Conv1D`` (GPT-2), so that GPT-2 is right with or without the thi
 class LayoutRegistry:
     """Layouts by class path and parameter name; later registrations take precedence.
 
+    Args:
+        entries: the first entries (the built-in ones).
+        deferred: returns more entries, read on the first lookup and placed before any added since (so users'
+            registrations win); for the third-party table, which imports this module.
+
     Example:
         >>> registry = LayoutRegistry(BUILTIN_LAYOUTS)
         >>> registry.lookup(nn.ConvTranspose2d(4, 6, 3, groups=2), "weight")
         RowLayout(out_dims=(1,), groups=2)
     """
 
-    def __init__(self, entries: Iterable[LayerLayout] = ()) -> None:
-        self._entries: list[LayerLayout] = []
+    def __init__(
+        self, entries: Iterable[LayerLayout] = (), deferred: Callable[[], Iterable[LayerLayout]] | None = None
+    ) -> None:
+        self._entries: list[LayerLayout] = [_canonical(e) for e in entries]
+        self._deferred = deferred
+        self._base = len(self._entries)
         self._cache: dict[tuple[type, str], LayerLayout | None] = {}
-        for entry in entries:
-            self.add(entry)
 
     def add(self, entry: LayerLayout) -> None:
         """Register ``entry``, over any earlier entry for the same class and parameter."""
@@ -211,6 +218,7 @@ class LayoutRegistry:
         for index in range(len(self._entries) - 1, -1, -1):
             if self._entries[index] == canonical:
                 del self._entries[index]
+                self._base -= 1 if index < self._base else 0
                 break
         self._cache.clear()
 
@@ -227,6 +235,9 @@ class LayoutRegistry:
         return entry.layout_for(layer) if entry is not None else None
 
     def _find(self, cls: type, param: str) -> LayerLayout | None:
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            self._entries[self._base : self._base] = [_canonical(e) for e in deferred()]
         for base in cls.__mro__:
             path = class_path(base)
             for entry in reversed(self._entries):
@@ -259,8 +270,8 @@ def _third_party() -> tuple[LayerLayout, ...]:
     return tuple(module.THIRD_PARTY_LAYOUTS)
 
 
-REGISTRY = LayoutRegistry((*BUILTIN_LAYOUTS, *_third_party()))
-"""The registry every selection reads."""
+REGISTRY = LayoutRegistry(BUILTIN_LAYOUTS, deferred=_third_party)
+"""The registry every selection reads (the third-party table is loaded on the first lookup)."""
 
 
 def register_layout(

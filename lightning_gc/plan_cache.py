@@ -107,6 +107,7 @@ def plan_signature(optimizer: Optimizer) -> Hashable:
         (
             tuple(map(id, g["params"])),
             tuple(p.requires_grad for p in g["params"]),  # the selection skips frozen parameters
+            tuple(p.dtype for p in g["params"]),  # `model.double()` keeps the parameters, changes their plans
             g.get("weight_decay"),
             g.get("maximize"),
             g.get("decoupled_weight_decay"),
@@ -116,11 +117,12 @@ def plan_signature(optimizer: Optimizer) -> Hashable:
 
 
 _REQUIRES_GRAD = attrgetter("requires_grad")
+_DTYPE = attrgetter("dtype")
 
 
 def module_signature(module: nn.Module) -> Hashable:
-    """Changes whenever ``module``'s parameters (or their ``requires_grad``) do."""
+    """Changes whenever ``module``'s parameters (or their ``requires_grad`` or dtype) do."""
     # `module.parameters()` dedups through Python-level tensor hashing; reading each submodule's own
     # parameter dict is several times cheaper, and duplicates only make the signature longer, not wrong.
     params = [p for sub in module.modules() for p in sub._parameters.values() if p is not None]
-    return tuple(map(id, params)), tuple(map(_REQUIRES_GRAD, params))
+    return tuple(map(id, params)), tuple(map(_REQUIRES_GRAD, params)), tuple(map(_DTYPE, params))

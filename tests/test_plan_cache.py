@@ -123,3 +123,16 @@ def test_a_cache_pickles_empty_for_spawned_processes():
     cache.plan(DenseAdapter(), GCConfig(), model)
     copy = pickle.loads(pickle.dumps(cache))
     assert len(copy) == 0 and copy.plans() == []
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_dtype_change_replans_so_means_use_the_new_precision(optimizer, eager_route):
+    model = nn.Linear(6, 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer else None
+    _grads(model, seed=0)
+    centralize_gradients(model, optimizer=opt)
+    model.double()  # the same Parameter objects, now float64
+    grads = _grads(model, seed=1)
+    centralize_gradients(model, optimizer=opt)
+    expected = grads["weight"] - grads["weight"].mean(dim=1, keepdim=True)
+    torch.testing.assert_close(model.weight.grad, expected, rtol=1e-12, atol=1e-12)
