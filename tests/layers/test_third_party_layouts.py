@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning_gc.layouts
 import pytest
 import torch
 from torch import nn
