@@ -34,21 +34,7 @@ Example:
 
 from __future__ import annotations
 
-try:
-    from lightning_gc.layouts import LayerLayout
-except ImportError:  # until lightning_gc.layouts exists: the pinned shape of its entry type
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class LayerLayout:  # type: ignore[no-redef]
-        """Fallback: one registry entry (see :mod:`lightning_gc.layouts`)."""
-
-        class_path: str
-        param: str
-        out_dims: tuple[int, ...] | None
-        groups_attr: str | None = None
-        reason: str = ""
-
+from lightning_gc.layouts import LayerLayout
 
 _TRANSPOSED = "stored (in, out)"
 _EXPERTS_OUT_IN = "experts stacked (E, out, in): one unit per expert and output"
