@@ -218,6 +218,34 @@ def non_neuron_sites(sites: list[ParamSite]) -> list[ParamSite]:
     return list(found.values())
 
 
+_TOP_LEVEL_CLASS = re.compile(r"^class (\w+)\b", re.MULTILINE)
+_LINEAR_OF_WEIGHT = re.compile(r"\blinear\((?:[^()]|\([^()]*\))*?self\.weight\b")
+
+
+def linear_weight_classes(root: Path, sites: list[ParamSite]) -> list[str]:
+    """Top-level classes that build a 2-D bare ``self.weight`` and apply it with ``F.linear`` (stored ``(out, in)``).
+
+    MoE routers (``(num_experts, hidden)``) mostly: the dim-0 rule is right for them, and registering them
+    turns "assumed" into a stated layout.
+    """
+    two_d = {
+        s.class_path for s in sites if s.attr == "weight" and s.ndim == 2 and "requires_grad=False" not in s.source
+    }
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name.startswith("modular_"):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "linear(" not in text:
+            continue
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        starts = [(m.start(), m[1]) for m in _TOP_LEVEL_CLASS.finditer(text)] + [(len(text), "")]
+        for (start, name), (end, _) in zip(starts, starts[1:]):
+            if f"{module}.{name}" in two_d and _LINEAR_OF_WEIGHT.search(text, start, end):
+                found.append(f"{module}.{name}")
+    return found
+
+
 REASON_NAMES = dict(
     zip(
         (reason for reason, _ in NON_NEURON_CATEGORIES),
@@ -236,6 +264,7 @@ def generated_entries(root: Path) -> list[tuple[str, str, tuple[int, ...] | None
         entries += [(expert.class_path, bias, None, "_EXPERT_BIAS") for bias in expert.biases]
     for site in sorted(non_neuron_sites(sites), key=lambda s: (s.class_path, s.attr)):
         entries.append((site.class_path, site.attr, None, REASON_NAMES[non_neuron_reason(site.attr) or ""]))
+    entries += [(path, "weight", (0,), "_LINEAR_WEIGHT") for path in linear_weight_classes(root, sites)]
     return entries
 
 

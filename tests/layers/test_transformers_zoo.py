@@ -166,8 +166,11 @@ def centralize_quietly(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_parameter_is_centralized_along_its_true_output_axis_or_left_alone(name: str) -> None:
-    truths = run_and_check(build(name), MODELS[name][1], centralize_quietly)
+    model = build(name)
+    truths = run_and_check(model, MODELS[name][1], centralize_quietly)
     assert any(isinstance(t, Units) for t in truths.values())
+    assumed = lightning_gc.describe(model).by_decision("assumed")
+    assert not assumed, f"audited models have no assumed layouts: {[r.name for r in assumed]}"
 
 
 def test_gpt2_through_the_callback_in_a_trainer() -> None:
