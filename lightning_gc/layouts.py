@@ -73,6 +73,15 @@ class RowLayout:
             return tuple(range(ndim))
         return tuple(d for d in range(ndim) if d not in self.out_dims)
 
+    def output_units(self, shape: Sequence[int], mode: Mode) -> int:
+        """How many means GC takes: one per output unit (per block for ``groups > 1``), one in tensor mode."""
+        if mode == "tensor":
+            return 1
+        total = self.groups
+        for d in self.out_dims:
+            total *= shape[d]
+        return total
+
     def entries_per_unit(self, shape: Sequence[int], mode: Mode) -> int:
         """How many entries one mean is taken over."""
         total = 1
