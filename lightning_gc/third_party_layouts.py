@@ -140,6 +140,8 @@ THIRD_PARTY_LAYOUTS: tuple[LayerLayout, ...] = (
     LayerLayout("transformers.models.layoutlmv2.modeling_layoutlmv2.LayoutLMv2SelfAttention", "[qv]_bias", None, reason=_BIAS),
     # integrations/mxfp4.py Mxfp4GptOssExperts: frozen uint8 expert weights, float32 biases (E, out)
     LayerLayout("transformers.integrations.mxfp4.Mxfp4GptOssExperts", "*_bias", None, reason=_EXPERT_BIAS),
+    # ibert/quant_modules.py QuantEmbedding (an nn.Module, not an nn.Embedding): `torch.zeros([num_embeddings, embedding_dim])`
+    LayerLayout("transformers.models.ibert.quant_modules.QuantEmbedding", "weight", None, reason="an embedding table (lookup rows), not a neuron weight"),
     # mamba/falcon_mamba MambaMixer: A_log `torch.empty(intermediate_size, ssm_state_size)`
     LayerLayout("transformers.models.mamba.modeling_mamba.MambaMixer", "A_log", None, reason=_SSM),
     LayerLayout("transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer", "A_log", None, reason=_SSM),
