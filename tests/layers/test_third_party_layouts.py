@@ -16,14 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import source_audit
 import torch
+from layer_zoo import DIM0, SKIP_BIAS, SKIP_TOKEN, Skip, Truth, Units, run_and_check
 from torch import nn
 
 import lightning_gc
 from lightning_gc import third_party_layouts
 from lightning_gc.third_party_layouts import THIRD_PARTY_LAYOUTS
-from tests.layers import source_audit
-from tests.layers.zoo import DIM0, SKIP_BIAS, SKIP_TOKEN, Skip, Truth, Units, run_and_check
 
 PACKAGES = ("transformers.", "timm.", "torchvision.")
 

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from layer_zoo import DIM0, SKIP_BIAS, SKIP_EMBEDDING, SKIP_NORM, Skip, Truth, Units, run_and_check, truth_for
 from torch import nn
 from torch.nn.utils import parametrizations
 
 import lightning_gc
-from tests.layers.zoo import DIM0, SKIP_BIAS, SKIP_EMBEDDING, SKIP_NORM, Skip, Truth, Units, run_and_check, truth_for
 
 SKIP_MAGNITUDE = Skip("weight-norm magnitude g: (out, 1, ...), every averaged dim has size 1")
 SKIP_BIAS_KV = Skip("MultiheadAttention's learned bias_k/bias_v tokens")

@@ -13,10 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
-
-import lightning_gc
-from tests.layers.zoo import (
+from layer_zoo import (
     DIM0,
     SKIP_BIAS,
     SKIP_EMBEDDING,
@@ -29,6 +26,9 @@ from tests.layers.zoo import (
     run_and_check,
     set_offset_gradients,
 )
+from torch import nn
+
+import lightning_gc
 
 transformers = pytest.importorskip("transformers")
 
