@@ -217,8 +217,15 @@ class LayoutRegistry:
         self._cache: dict[tuple[type, str], LayerLayout | None] = {}
 
     def add(self, entry: LayerLayout) -> None:
-        """Register ``entry``, over any earlier entry for the same class and parameter."""
-        self._entries.append(_canonical(entry))
+        """Register ``entry``, over any earlier entry for the same class and parameter.
+
+        Adding an entry again moves it last instead of growing the registry (a callback built many times).
+        """
+        canonical = _canonical(entry)
+        added = self._entries[self._base :]
+        if canonical in added:
+            del self._entries[self._base + added.index(canonical)]
+        self._entries.append(canonical)
         self._cache.clear()
 
     def remove(self, entry: LayerLayout) -> None:
@@ -230,6 +237,10 @@ class LayoutRegistry:
                 self._base -= 1 if index < self._base else 0
                 break
         self._cache.clear()
+
+    def __len__(self) -> int:
+        """Entries registered so far (the third-party table counts once it is read)."""
+        return len(self._entries)
 
     def entry(self, layer: nn.Module, param: str) -> LayerLayout | None:
         """The entry for ``layer.<param>``: the most derived class in ``layer``'s MRO that has one."""

@@ -89,3 +89,24 @@ def test_compile_backend_names():
     assert compile_backend("eager") == "eager"
     with pytest.raises(ValueError, match="`compile` must be True, False or a torch.compile backend name"):
         compile_backend("no-such-backend")
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float64, torch.bfloat16])
+def test_a_gradient_of_another_dtype_than_its_parameter_is_planned_by_the_gradient(grad_dtype, eager_route):
+    layouts = [((6, 5), RowLayout()), ((6, 5), RowLayout()), ((600, 300), RowLayout((1,)))]
+    units, params = _units(layouts)
+    executor = Executor(units)
+    grads = []
+    for i, p in enumerate(params):
+        p.grad_dtype = None  # type: ignore[attr-defined]  # torch lets the gradient keep its own dtype
+        grads.append(_skewed(tuple(p.shape), i).to(grad_dtype))
+    expected = []
+    for grad, (_, layout) in zip(grads, layouts):
+        g = grad.double()
+        dims = tuple(d for d in range(g.ndim) if d not in layout.out_dims)
+        expected.append(g - g.mean(dim=dims, keepdim=True))
+    executor.run(list(grads), 1.0, None)
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if grad_dtype == torch.float64 else {"rtol": 1.6e-2, "atol": 1.6e-2 * 8}
+    for grad, want in zip(grads, expected):
+        assert grad.dtype == grad_dtype
+        torch.testing.assert_close(grad.double(), want, **tolerance)
