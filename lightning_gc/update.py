@@ -1,0 +1,629 @@
+"""Gradient Centralization of the update: after each optimizer step, ``w = w_before + GC(w_after - w_before)``.
+
+The whole change the optimizer made (momentum, adaptive scaling, coupled and decoupled weight decay) is
+centralized per output unit, so every unit's mean is exactly what it was before the step, whatever the
+optimizer. This is the placement the paper's authors recommend for adaptive optimizers (their
+``gc_loc=False``), for any ``torch.optim.Optimizer``.
+
+No copy of the weights is needed: GC of the change only needs each unit's mean before the step. A step
+pre-hook records every unit's sum (float64 accumulation; float32 for half-precision weights, without a
+float32 copy of them), and a step post-hook subtracts ``rowmean(w_after) - rowmean(w_before)`` from every
+unit in one pass: a block of units is summed and corrected while it is in cache. Extra memory: one sum per
+unit plus a scratch buffer of at most 1% of the weight bytes (at least ``SCRATCH_MIN_BYTES``).
+
+The hooks are the optimizer's own (``register_step_pre_hook``/``register_step_post_hook``), so manual
+optimization, several optimizers, LBFGS (the change over all its inner iterations) and gradient
+accumulation behave alike, and a step the AMP ``GradScaler`` skips changes nothing.
+
+DTensor parameters (FSDP2 ``fully_shard``, tensor parallel) are corrected in their sharded layout: where a
+shard cuts units, the change of each unit's partial sum is all-reduced over the mesh dims that cut it
+(``O(units)`` values, once per step). FSDP1 and DeepSpeed are refused (:func:`check_strategy`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lightning_gc.centralize import Mode, RowLayout
+from lightning_gc.config import GCConfig
+from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec, Target
+from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
+
+Warn = Callable[[str], None]
+
+PLACEMENTS: tuple[str, ...] = ("gradient", "update")
+SCRATCH_MAX_BYTES = 1 << 20
+"""Most bytes of the scratch a block of units is summed in: a block stays in L2 between sum and correction."""
+SCRATCH_MIN_BYTES = 64 << 10
+"""Least scratch bytes, so that small models are not corrected in slivers."""
+BUDGET_FRACTION = 100
+"""The scratch stays within 1/100 of the planned weights' bytes (above ``SCRATCH_MIN_BYTES``)."""
+
+_HALF = (torch.float16, torch.bfloat16)
+_REFUSED_STRATEGIES = {
+    "FSDPStrategy": (
+        "FSDP1 (FSDPStrategy)",
+        "use ModelParallelStrategy (FSDP2 `fully_shard`), where the update placement is exact, or"
+        " apply_to='gradient', which is exact under FSDPStrategy",
+    ),
+    "DeepSpeedStrategy": (
+        "DeepSpeed",
+        "use ModelParallelStrategy (FSDP2) or DDP, where the update placement is exact, or apply_to='gradient',"
+        " which is exact under DeepSpeed ZeRO-1/2",
+    ),
+}
+
+
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype unit sums accumulate in: float32 for half-precision weights, float64 otherwise.
+
+    Example:
+        >>> sum_dtype(torch.bfloat16), sum_dtype(torch.float32)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in _HALF else torch.float64
+
+
+# --- the selection seam: the only code that reads selection and layout objects ----------------------------
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """How a weight's units are laid out, read once from its :class:`RowLayout`."""
+
+    layout: RowLayout
+    dims: tuple[int, ...]
+    unit_dim: int | None
+
+    @classmethod
+    def of(cls, layout: RowLayout, ndim: int, mode: Mode) -> _Geometry:
+        dims = layout.reduce_dims(ndim, mode)
+        if not dims:
+            raise ValueError(f"per-channel GC needs a tensor with ndim >= 2, got ndim {ndim}")
+        return cls(layout, dims, layout.unit_dim(mode))
+
+    def view(self, tensor: Tensor) -> Tensor:
+        return self.layout.view(tensor)
+
+    def units(self, viewed_shape: Sequence[int]) -> int:
+        return math.prod(n for d, n in enumerate(viewed_shape) if d not in self.dims)
+
+    def groups_split_dim0(self) -> bool:
+        return self.layout.groups > 1 and self.unit_dim is not None
+
+
+def _selected(optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn) -> list[Target]:
+    """The parameters of ``optimizer`` that gradient GC would centralize, with their layouts."""
+    from lightning_gc.plan import PlannedTarget, _warn_about_selection
+
+    selector = config.selector()
+    targets: list[Target] = []
+    for group in optimizer.param_groups:
+        params = list(group["params"])
+        chosen = selector.select_from_module(module, params) if module is not None else selector.select_from_params(params)
+        targets.extend(chosen)
+    _warn_about_selection(selector, [PlannedTarget(t) for t in targets], f"{type(optimizer).__name__} optimizer", warn)
+    return targets
+
+
+def _signature(optimizer: Optimizer) -> Hashable:
+    """Changes whenever the optimizer's parameters (or which of them are trainable) do."""
+    return tuple((tuple(map(id, g["params"])), tuple(p.requires_grad for p in g["params"])) for g in optimizer.param_groups)
+
+
+# --- the math on one weight ----------------------------------------------------------------------------------
+
+
+class _Scratch:
+    """One buffer per accumulation dtype, ``elements`` long, shared by every weight of a plan."""
+
+    def __init__(self, elements: int) -> None:
+        self.elements = max(1, elements)
+        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(self.elements, dtype=dtype, device=device)
+        return self._buffers[key]
+
+
+def _stage(block: Tensor, buffer: Tensor) -> Tensor:
+    """``block``'s values in ``buffer``'s dtype, laid out in ``block``'s stride order so that copies stream."""
+    order = sorted(range(block.ndim), key=lambda d: block.stride(d), reverse=True)
+    staged = buffer[: block.numel()].view([block.shape[d] for d in order])
+    return staged.permute([order.index(d) for d in range(block.ndim)]).copy_(block)
+
+
+def _chunks(tensor: Tensor, dims: tuple[int, ...], elements: int) -> tuple[Tensor, ...]:
+    """``tensor`` cut along its longest reduced dim into pieces of at most ``elements`` entries (where possible)."""
+    dim = max(dims, key=lambda d: tensor.shape[d])
+    per = max(1, elements // max(1, tensor.numel() // max(1, tensor.shape[dim])))
+    return tensor.split(per, dim)
+
+
+class _Weight:
+    """One selected weight: records its unit sums before a step, corrects its units after it.
+
+    Args:
+        name: the parameter's qualified name.
+        local: returns the tensor to read and write in place (the parameter, or a DTensor's local shard).
+        geometry: where its units are.
+        count: entries per unit in the logical (unsharded) weight: what a unit mean divides by.
+        groups: process groups over which partial unit sums are all-reduced (empty: units are whole here).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        local: Callable[[], Tensor],
+        geometry: _Geometry,
+        count: int,
+        groups: tuple[Any, ...] = (),
+    ) -> None:
+        self.name = name
+        self.local = local
+        self.geometry = geometry
+        self.count = count
+        self.groups = groups
+        viewed = geometry.view(local())
+        self.dtype = viewed.dtype
+        self.acc = sum_dtype(viewed.dtype)
+        self.nbytes = viewed.numel() * viewed.element_size()
+        self.staged = viewed.device.type == "cpu" and viewed.dtype != self.acc  # CPU promotion would copy
+        keep = [1 if d in geometry.dims else n for d, n in enumerate(viewed.shape)]
+        self.before = torch.zeros(keep, dtype=self.acc, device=viewed.device)  # one sum per unit
+        self._per_unit = viewed.numel() // max(1, geometry.units(viewed.shape))
+
+    def record(self, scratch: _Scratch) -> None:
+        """Store the sum of every unit (this rank's part of it, for units cut by shards)."""
+        viewed = self.geometry.view(self.local())
+        for block, out in self._blocks(viewed, self.before, scratch):
+            out.copy_(self._sums(block, scratch))
+
+    def correct(self, scratch: _Scratch) -> None:
+        """Whole units: sum each block of units and subtract the change of their means, in one pass."""
+        viewed = self.geometry.view(self.local())
+        buffer = scratch.get(self.acc, viewed.device) if self.staged else None
+        for block, before in self._blocks(viewed, self.before, scratch):
+            if buffer is not None and block.numel() <= buffer.numel():
+                staged = _stage(block, buffer)
+                staged.sub_(self._delta(staged.sum(dim=self.geometry.dims, keepdim=True), before))
+                block.copy_(staged)
+            elif buffer is None:
+                block.sub_(self._delta(block.sum(dim=self.geometry.dims, keepdim=True, dtype=self.acc), before))
+            else:  # units bigger than the scratch: two passes over slices of them
+                self._shift(block, self._delta(self._sums(block, scratch), before), scratch)
+
+    def change(self, scratch: _Scratch) -> Tensor:
+        """This rank's part of each unit's change of sum since :meth:`record` (for units cut by shards)."""
+        viewed = self.geometry.view(self.local())
+        after = torch.empty_like(self.before)
+        for block, out in self._blocks(viewed, after, scratch):
+            out.copy_(self._sums(block, scratch))
+        return after.sub_(self.before)
+
+    def shift(self, total_change: Tensor, scratch: _Scratch) -> None:
+        """Subtract ``total_change / count`` (each unit's whole change of sum) from every entry of the unit."""
+        viewed = self.geometry.view(self.local())
+        delta = total_change.div_(self.count)
+        for block, part in self._blocks(viewed, delta, scratch):
+            self._shift(block, part, scratch)
+
+    def _delta(self, after: Tensor, before: Tensor) -> Tensor:
+        return after.sub_(before).div_(self.count)
+
+    def _blocks(self, viewed: Tensor, sums: Tensor, scratch: _Scratch) -> Iterator[tuple[Tensor, Tensor]]:
+        """Pairs of (a block of units, their slice of ``sums``), blocks small enough for the scratch."""
+        if viewed.numel() == 0:
+            return iter(())
+        unit_dim = self.geometry.unit_dim
+        per_block = max(1, scratch.elements // max(1, self._per_unit))
+        if unit_dim is None or per_block >= viewed.shape[unit_dim]:
+            return iter(((viewed, sums),))
+        return zip(viewed.split(per_block, unit_dim), sums.split(per_block, unit_dim))
+
+    def _sums(self, block: Tensor, scratch: _Scratch) -> Tensor:
+        dims = self.geometry.dims
+        if not self.staged:
+            return block.sum(dim=dims, keepdim=True, dtype=self.acc)
+        buffer = scratch.get(self.acc, block.device)
+        if block.numel() <= buffer.numel():
+            return _stage(block, buffer).sum(dim=dims, keepdim=True)
+        total: Tensor | None = None
+        for chunk in _chunks(block, dims, buffer.numel()):
+            part = self._sums(chunk, scratch) if chunk.numel() <= buffer.numel() else chunk.sum(dims, True, dtype=self.acc)
+            total = part if total is None else total.add_(part)
+        assert total is not None
+        return total
+
+    def _shift(self, block: Tensor, delta: Tensor, scratch: _Scratch) -> None:
+        if not self.staged:
+            block.sub_(delta)
+            return
+        buffer = scratch.get(self.acc, block.device)
+        for chunk in (block,) if block.numel() <= buffer.numel() else _chunks(block, self.geometry.dims, buffer.numel()):
+            if chunk.numel() > buffer.numel():  # one slice bigger than the scratch (a huge unit): a one-off temporary
+                chunk.copy_(chunk.to(self.acc).sub_(delta))
+                continue
+            staged = _stage(chunk, buffer)
+            chunk.copy_(staged.sub_(delta))
+
+
+# --- plans -----------------------------------------------------------------------------------------------------
+
+
+class UpdatePlan:
+    """GC of one optimizer's updates: :meth:`record` before its step, :meth:`correct` after it.
+
+    Build it with :meth:`for_optimizer`. Under sharded DTensor layouts :meth:`correct` is a collective: every
+    rank must step (it does, under FSDP2 and tensor parallel).
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> plan = UpdatePlan.for_optimizer(optimizer, model, GCConfig())
+        >>> before = model.weight.detach().double().mean(dim=1)
+        >>> model(torch.randn(4, 3)).sum().backward()
+        >>> plan.record(); optimizer.step(); plan.correct()
+        >>> torch.allclose(model.weight.detach().double().mean(dim=1), before, atol=1e-7)
+        True
+    """
+
+    def __init__(self, weights: list[_Weight]) -> None:
+        self.weights = weights
+        weight_bytes = sum(w.nbytes for w in weights)
+        scratch_bytes = min(SCRATCH_MAX_BYTES, max(SCRATCH_MIN_BYTES, weight_bytes // BUDGET_FRACTION))
+        self._scratch = _Scratch(scratch_bytes // 8)  # in entries of the widest accumulation dtype
+        self._recorded = False
+
+    @classmethod
+    def for_optimizer(
+        cls, optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn = print
+    ) -> UpdatePlan:
+        """Plan for the parameters of ``optimizer`` that gradient GC would select (owners looked up in ``module``).
+
+        Raises:
+            UnsupportedGradientLayoutError: for FSDP1-flattened parameters and DTensor layouts it cannot correct.
+        """
+        return cls([_weight_for(target, config.mode) for target in _selected(optimizer, module, config, warn)])
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory this plan holds: one sum per unit, and the scratch."""
+        sums = sum(w.before.numel() * w.before.element_size() for w in self.weights)
+        dtypes = {(w.acc, w.before.device) for w in self.weights if w.staged}
+        return sums + sum(self._scratch.elements * torch.finfo(d).bits // 8 for d, _ in dtypes)
+
+    def record(self) -> None:
+        """Remember every unit's sum; call right before the optimizer step."""
+        with torch.no_grad():
+            for weight in self.weights:
+                weight.record(self._scratch)
+        self._recorded = True
+
+    def correct(self) -> None:
+        """Make every unit's mean what :meth:`record` saw; call right after the optimizer step."""
+        if not self._recorded:
+            return
+        self._recorded = False
+        with torch.no_grad():
+            cut: dict[tuple[Any, ...], list[tuple[_Weight, Tensor]]] = {}
+            for weight in self.weights:
+                if weight.groups:
+                    cut.setdefault(weight.groups, []).append((weight, weight.change(self._scratch)))
+                else:
+                    weight.correct(self._scratch)
+            for groups, changes in cut.items():
+                _all_reduce_sum([c for _, c in changes], groups)
+                for weight, change in changes:
+                    weight.shift(change, self._scratch)
+
+
+def _all_reduce_sum(parts: list[Tensor], groups: tuple[Any, ...]) -> None:
+    """Sum every tensor of ``parts`` over each process group of ``groups``: one flat buffer, one call per group."""
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    for group in groups:
+        torch.distributed.all_reduce(flat, group=group)
+    for part, reduced in zip(parts, flat.split([p.numel() for p in parts])):
+        part.copy_(reduced.view_as(part))
+
+
+def _weight_for(target: Target, mode: Mode) -> _Weight:
+    param = target.param
+    geometry = _Geometry.of(target.layout, param.ndim, mode)
+    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
+        raise UnsupportedGradientLayoutError(
+            f"GC of the update (apply_to='update') cannot correct `{target.name}`: FSDP1 flattened it into 1-D"
+            " shards. Use ModelParallelStrategy (FSDP2 `fully_shard`), where the update placement is exact, or"
+            " apply_to='gradient', which is exact under FSDP1."
+        )
+    if _is_dtensor(param):
+        return _dtensor_weight(target, geometry, mode)
+    detached = param.detach()
+    viewed = geometry.view(detached)
+    count = viewed.numel() // max(1, geometry.units(viewed.shape))
+    return _Weight(target.name, lambda: param.detach(), geometry, count)
+
+
+def _dtensor_weight(target: Target, geometry: _Geometry, mode: Mode) -> _Weight:
+    """A DTensor weight: its local shard, and the process groups of the mesh dims that cut its units."""
+    param: Any = target.param
+    mesh, layout = param.device_mesh, target.layout
+    groups = []
+    for mesh_dim, placement in enumerate(param.placements):
+        if mesh.size(mesh_dim) == 1 or placement.is_replicate():
+            continue
+        dim = getattr(placement, "dim", None)  # Shard and _StridedShard
+        if not isinstance(dim, int):
+            raise UnsupportedGradientLayoutError(
+                f"GC of the update cannot correct `{target.name}`: its DTensor placement {placement!r} is not one it"
+                " knows (Shard, _StridedShard, Replicate)."
+            )
+        if geometry.groups_split_dim0() and dim == 0:
+            raise UnsupportedGradientLayoutError(
+                f"GC of the update cannot correct `{target.name}`: a grouped transposed convolution whose dim 0 is"
+                f" sharded ({tuple(param.placements)}). Exclude it, or use apply_to='gradient'."
+            )
+        if mode == "tensor" or dim != layout.out_dim:
+            groups.append(mesh.get_group(mesh_dim))
+    logical = geometry.view(torch.empty(param.shape, device="meta"))
+    count = logical.numel() // max(1, geometry.units(logical.shape))
+    return _Weight(target.name, lambda: param.to_local(), geometry, count, tuple(groups))
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    if type(tensor).__name__ != "DTensor":
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+# --- hooks -----------------------------------------------------------------------------------------------------
+
+_ACTIVE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # optimizer -> its UpdateHandle
+
+
+class UpdateHandle:
+    """GC of ``optimizer``'s updates through its step hooks, until :meth:`remove`.
+
+    The plan is rebuilt when the optimizer's parameters change (an added param group, an unfrozen layer).
+
+    Attributes:
+        optimizer: the optimizer whose steps are centralized.
+        steps: optimizer steps corrected so far (a step the GradScaler skips is not one).
+    """
+
+    def __init__(self, optimizer: Optimizer, build: Callable[[], UpdatePlan]) -> None:
+        if optimizer in _ACTIVE:
+            raise ValueError(
+                f"the updates of this {type(optimizer).__name__} are already centralized (GradientCentralization"
+                " with apply_to='update', or centralize_updates): call `.remove()` on the first handle first"
+            )
+        self.optimizer = optimizer
+        self.steps = 0
+        self._build = build
+        self._signature = _signature(optimizer)
+        self.plan = build()
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+        _ACTIVE[optimizer] = self
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still registered."""
+        return bool(self._hooks)
+
+    def remove(self) -> None:
+        """Unregister the hooks; later steps are plain optimizer steps. Idempotent."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if _ACTIVE.get(self.optimizer) is self:
+            del _ACTIVE[self.optimizer]
+
+    def __enter__(self) -> UpdateHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        signature = _signature(optimizer)
+        if signature != self._signature:
+            self.plan, self._signature = self._build(), signature
+        self.plan.record()
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self.plan.correct()
+        self.steps += 1
+
+
+def centralize_updates(
+    model: nn.Module | Iterable[nn.Parameter],
+    optimizer: Optimizer,
+    *,
+    conv_only: bool = False,
+    mode: Mode = "channel",
+    exclude: Sequence[str] = (),
+    exclude_modules: Sequence[ModuleSpec] = DEFAULT_EXCLUDED_MODULES,
+    centralize_weight_decay: bool = False,
+    warn: Warn | None = None,
+) -> UpdateHandle:
+    """Centralize every update of ``optimizer``: after each step, ``w = w_before + GC(w_after - w_before)``.
+
+    Call it once, before training; every later ``optimizer.step()`` (plain, Fabric, a ``GradScaler``) is
+    centralized until ``handle.remove()``. The selection (``conv_only``, ``exclude``, ``exclude_modules``,
+    layouts) and ``mode`` are those of :func:`~lightning_gc.centralize_gradients`. Unlike GC of the gradient,
+    every unit's mean stays fixed for every optimizer (Adam's per-entry scaling included).
+
+    DTensor parameters (FSDP2, tensor parallel) are corrected exactly in their sharded layout; every rank
+    steps, as those strategies require anyway.
+
+    Args:
+        model: the model (module types known) or its parameters.
+        optimizer: the optimizer to hook (a Fabric-wrapped optimizer is unwrapped).
+        conv_only, mode, exclude, exclude_modules: as in :class:`~lightning_gc.GradientCentralization`.
+        centralize_weight_decay: must stay False: the decay is already part of the change.
+        warn: where selection warnings go (default: ``warnings.warn``).
+
+    Returns:
+        :class:`UpdateHandle`; ``handle.remove()`` unregisters the hooks.
+
+    Raises:
+        ValueError: for invalid options, ``centralize_weight_decay=True``, or an optimizer already hooked.
+        UnsupportedGradientLayoutError: for FSDP1-flattened parameters (use FSDP2, or GC of the gradient).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        >>> handle = centralize_updates(model, optimizer)
+        >>> means = model[0].weight.detach().double().mean(dim=1)
+        >>> model(torch.randn(5, 4)).sum().backward()
+        >>> optimizer.step()
+        >>> torch.allclose(model[0].weight.detach().double().mean(dim=1), means, atol=1e-7)
+        True
+        >>> handle.remove()
+    """
+    config = update_config(
+        conv_only=conv_only,
+        mode=mode,
+        exclude=exclude,
+        exclude_modules=exclude_modules,
+        centralize_weight_decay=centralize_weight_decay,
+    )
+    if warn is None:
+        from lightning_gc.functional import _warn
+
+        warn = _warn
+    raw = _unwrap_optimizer(optimizer)
+    module = _unwrap_module(model) if isinstance(model, nn.Module) else None
+    if module is None:
+        wanted = {id(p) for p in model}  # type: ignore[union-attr]
+        _check_params_in_optimizer(raw, wanted)
+    report = warn
+    return UpdateHandle(raw, lambda: UpdatePlan.for_optimizer(raw, module, config, report))
+
+
+def update_config(
+    *,
+    conv_only: bool = False,
+    mode: Mode = "channel",
+    exclude: Sequence[str] | str = (),
+    exclude_modules: Sequence[ModuleSpec] | str = DEFAULT_EXCLUDED_MODULES,
+    centralize_weight_decay: bool = False,
+) -> GCConfig:
+    """The validated options of the update placement.
+
+    Raises:
+        ValueError: as :class:`~lightning_gc.config.GCConfig` does, and for ``centralize_weight_decay=True``.
+    """
+    check_placement("update", centralize_weight_decay)
+    return GCConfig(
+        conv_only=conv_only,
+        mode=mode,
+        exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
+        exclude_modules=exclude_modules if isinstance(exclude_modules, str) else tuple(exclude_modules),
+    )
+
+
+def check_placement(apply_to: object, centralize_weight_decay: object = False) -> None:
+    """Validate ``apply_to`` and its combination with ``centralize_weight_decay``.
+
+    Raises:
+        ValueError: naming the argument and the accepted values.
+    """
+    if apply_to not in PLACEMENTS:
+        raise ValueError(f"`apply_to` must be one of {PLACEMENTS}, got {apply_to!r}")
+    if apply_to == "update" and centralize_weight_decay is True:
+        raise ValueError(
+            "`centralize_weight_decay=True` has no meaning with `apply_to='update'`: the weight decay is already"
+            " part of the update that GC centralizes. Use centralize_weight_decay=False (the default)."
+        )
+
+
+def check_strategy(strategy: object) -> None:
+    """Refuse strategies under which the update placement has no exact route.
+
+    Raises:
+        UnsupportedGradientLayoutError: for FSDP1 (``FSDPStrategy``) and DeepSpeed, naming the alternatives.
+    """
+    bases = {cls.__name__ for cls in type(strategy).__mro__}
+    for base, (what, alternative) in _REFUSED_STRATEGIES.items():
+        if base in bases:
+            raise UnsupportedGradientLayoutError(
+                f"GradientCentralization(apply_to='update') does not support {what} ({type(strategy).__name__}):"
+                f" its optimizer steps flattened parameter shards; {alternative}."
+            )
+
+
+def _check_params_in_optimizer(optimizer: Optimizer, wanted: set[int]) -> None:
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not wanted <= stepped:
+        raise ValueError("`model` lists parameters the optimizer does not step: pass the model the optimizer trains")
+
+
+def _unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The ``torch.optim.Optimizer`` behind Lightning's and Fabric's wrappers."""
+    for attr in ("_optimizer", "optimizer"):
+        inner = getattr(optimizer, attr, None)
+        if isinstance(inner, Optimizer) and not isinstance(optimizer, Optimizer):
+            return _unwrap_optimizer(inner)
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _unwrap_module(model: nn.Module) -> nn.Module:
+    """The user's module behind Fabric's wrapper, so that names and module types are the user's."""
+    if type(model).__name__ == "_FabricModule":
+        return model.module  # type: ignore[return-value]
+    return model
+
+
+class UpdateHooks:
+    """The callback side of the update placement: one :class:`UpdateHandle` per optimizer of a fit.
+
+    Example:
+        >>> hooks = UpdateHooks(update_config())
+        >>> hooks.handles
+        []
+    """
+
+    def __init__(self, config: GCConfig) -> None:
+        self.config = config
+        self.handles: list[UpdateHandle] = []
+
+    def attach(self, optimizers: Iterable[Any], module: nn.Module, warn: Warn) -> None:
+        """Hook every optimizer (Lightning's wrappers unwrapped); a second call re-hooks."""
+        self.detach()
+        config = self.config
+        for optimizer in optimizers:
+            raw = _unwrap_optimizer(optimizer)
+            self.handles.append(
+                UpdateHandle(raw, lambda raw=raw: UpdatePlan.for_optimizer(raw, module, config, warn))  # type: ignore[misc]
+            )
+
+    def detach(self) -> None:
+        """Remove every hook this object registered."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps centralized, over all optimizers."""
+        return sum(h.steps for h in self.handles)
