@@ -45,7 +45,7 @@ SCRATCH_MAX_BYTES = 1 << 20
 SCRATCH_MIN_BYTES = 64 << 10
 """Least scratch bytes, so that small models are not corrected in slivers."""
 BUDGET_FRACTION = 100
-"""The scratch stays within 1/100 of the planned weights' bytes (above ``SCRATCH_MIN_BYTES``)."""
+"""Unit sums and scratch together stay within 1/100 of the planned weights' bytes (above ``SCRATCH_MIN_BYTES``)."""
 
 _HALF = (torch.float16, torch.bfloat16)
 _REFUSED_STRATEGIES = {
@@ -281,7 +281,9 @@ class UpdatePlan:
     def __init__(self, weights: list[_Weight]) -> None:
         self.weights = weights
         weight_bytes = sum(w.nbytes for w in weights)
-        scratch_bytes = min(SCRATCH_MAX_BYTES, max(SCRATCH_MIN_BYTES, weight_bytes // BUDGET_FRACTION))
+        sum_bytes = sum(w.before.numel() * w.before.element_size() for w in weights)
+        budget = weight_bytes // BUDGET_FRACTION - sum_bytes  # sums and scratch together within the budget
+        scratch_bytes = min(SCRATCH_MAX_BYTES, max(SCRATCH_MIN_BYTES, budget))
         self._scratch = _Scratch(scratch_bytes // 8)  # in entries of the widest accumulation dtype
         self._recorded = False
 
