@@ -18,6 +18,7 @@ from lightning_gc.plan import plan_signature
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES
 from lightning_gc.sharding import AppliesGC, LayoutAdapter, adapter_for
 from lightning_gc.sharding.dense import DenseAdapter
+from lightning_gc.update import UpdateHooks, check_placement, check_strategy
 
 
 class GradientCentralization(Callback):
@@ -46,6 +47,12 @@ class GradientCentralization(Callback):
             fails, one warning and the eager routes take over. Off by default, and meant for GPUs: on CPU the
             built-in fused kernel (:mod:`lightning_gc.native`, used without asking) is faster and compiles in
             a fraction of a second; with ``compile`` set, the compiled route takes precedence.
+        apply_to: ``"gradient"`` (GC of the gradient, before the step) or ``"update"``: after each optimizer
+            step every selected weight becomes ``w_before + GC(w_after - w_before)``, the whole change
+            (momentum, adaptive scaling, weight decay) centralized, so every unit's mean stays fixed for any
+            optimizer; the authors' placement for adaptive optimizers (:mod:`lightning_gc.update`).
+            ``centralize_weight_decay`` has no meaning there and is refused; FSDP1 and DeepSpeed are refused
+            at ``setup``.
 
     Raises:
         ValueError: for an invalid option, naming it and the accepted values.
@@ -73,7 +80,9 @@ class GradientCentralization(Callback):
         exclude_modules: Sequence[str | type] = DEFAULT_EXCLUDED_MODULES,
         log_diagnostics: bool = True,
         compile: bool | str = False,
+        apply_to: str = "gradient",
     ) -> None:
+        check_placement(apply_to, centralize_weight_decay)
         if not isinstance(log_diagnostics, bool):
             raise ValueError(f"`log_diagnostics` must be True or False, got {log_diagnostics!r}")
         self.config = GCConfig(
@@ -85,15 +94,21 @@ class GradientCentralization(Callback):
             compile=compile,
         )
         self.log_diagnostics = log_diagnostics
+        self.apply_to = apply_to
+        self._update = UpdateHooks(self.config) if apply_to == "update" else None
         self.optimizer_steps = 0
         self._plans: dict[int, tuple[Hashable, AppliesGC]] = {}
         self._adapter: LayoutAdapter | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(config=self.config.key())
+        placement = {"apply_to": self.apply_to} if self._update is not None else {}  # gradient keys unchanged
+        return self._generate_state_key(config=self.config.key(), **placement)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._update is not None:  # the update placement hooks the optimizers at fit start
+            check_strategy(trainer.strategy)
+            return
         self._adapter = adapter_for(trainer.strategy)
         self._plans.clear()
         if self.config.compile is not False and not isinstance(self._adapter, DenseAdapter):
@@ -103,9 +118,20 @@ class GradientCentralization(Callback):
                 " gradients take their own exact routes."
             )
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._update is not None:
+            self._update.attach(trainer.optimizers, pl_module, rank_zero_warn)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._update is not None:
+            self.optimizer_steps += self._update.steps
+            self._update.detach()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if self._update is not None:
+            return
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in some call paths
         plan = self._plan_for(optimizer, pl_module, trainer)
         log = self.log_diagnostics and bool(trainer.loggers) and trainer._logger_connector.should_update_logs
