@@ -97,6 +97,7 @@ class _Geometry:
         return math.prod(n for d, n in enumerate(viewed_shape) if d not in self.dims)
 
     def groups_split_dim0(self) -> bool:
+        """Whether units are blocks of dim 0 (a grouped transposed convolution, channel mode)."""
         return self.layout.groups > 1 and self.unit_dim is not None
 
 
@@ -360,7 +361,7 @@ def _dtensor_weight(target: Target, geometry: _Geometry, mode: Mode) -> _Weight:
     """A DTensor weight: its local shard, and the process groups of the mesh dims that cut its units."""
     param: Any = target.param
     mesh, layout = param.device_mesh, target.layout
-    groups = []
+    groups, dim0_sharded = [], False
     for mesh_dim, placement in enumerate(param.placements):
         if mesh.size(mesh_dim) == 1 or placement.is_replicate():
             continue
@@ -370,16 +371,53 @@ def _dtensor_weight(target: Target, geometry: _Geometry, mode: Mode) -> _Weight:
                 f"GC of the update cannot correct `{target.name}`: its DTensor placement {placement!r} is not one it"
                 " knows (Shard, _StridedShard, Replicate)."
             )
-        if geometry.groups_split_dim0() and dim == 0:
-            raise UnsupportedGradientLayoutError(
-                f"GC of the update cannot correct `{target.name}`: a grouped transposed convolution whose dim 0 is"
-                f" sharded ({tuple(param.placements)}). Exclude it, or use apply_to='gradient'."
-            )
+        dim0_sharded = dim0_sharded or dim == 0
         if mode == "tensor" or dim != layout.out_dim:
             groups.append(mesh.get_group(mesh_dim))
     logical = geometry.view(torch.empty(param.shape, device="meta"))
     count = logical.numel() // max(1, geometry.units(logical.shape))
+    if geometry.groups_split_dim0() and dim0_sharded:
+        return _SplitGroupsWeight.build(target.name, param, count, tuple(groups), layout.groups)
     return _Weight(target.name, lambda: param.to_local(), geometry, count, tuple(groups))
+
+
+class _SplitGroupsWeight(_Weight):
+    """A grouped transposed convolution whose dim 0 (``groups`` blocks of input channels) is sharded.
+
+    A rank may hold part of a block, so its local rows are not whole groups: sums are taken per (input row,
+    output channel) pair on the local shard, added up per group (``index_add``), all-reduced, and each unit's
+    change of mean is handed back to the rows of its group (``index_select``).
+    """
+
+    group_of_row: Tensor
+    conv_groups: int
+
+    @classmethod
+    def build(cls, name: str, param: Any, count: int, groups: tuple[Any, ...], conv_groups: int) -> _SplitGroupsWeight:
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if not all(p.is_replicate() or isinstance(p, Shard) for p in param.placements):
+            raise UnsupportedGradientLayoutError(
+                f"GC of the update cannot correct `{name}`: a grouped transposed convolution whose dim 0 is split"
+                f" with {tuple(param.placements)} (only Shard and Replicate are supported there). Exclude it."
+            )
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        local = param.to_local()
+        per_pair = _Geometry(RowLayout(), tuple(range(2, local.ndim)), 0)  # units: (input row, output channel)
+        weight = cls(name, lambda: param.to_local(), per_pair, count, groups)
+        rows = torch.arange(local.shape[0], device=local.device) + int(offset[0])
+        weight.group_of_row = torch.div(rows, param.shape[0] // conv_groups, rounding_mode="floor")
+        weight.conv_groups = conv_groups
+        return weight
+
+    def change(self, scratch: _Scratch) -> Tensor:
+        per_pair = super().change(scratch)
+        per_unit = per_pair.new_zeros((self.conv_groups, *per_pair.shape[1:]))
+        return per_unit.index_add_(0, self.group_of_row, per_pair)
+
+    def shift(self, total_change: Tensor, scratch: _Scratch) -> None:
+        super().shift(total_change.index_select(0, self.group_of_row), scratch)
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -513,6 +551,11 @@ def centralize_updates(
         warn = _warn
     raw = _unwrap_optimizer(optimizer)
     module = _unwrap_module(model) if isinstance(model, nn.Module) else None
+    if module is not None and any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
+        raise UnsupportedGradientLayoutError(
+            "centralize_updates does not support FSDP1 (FullyShardedDataParallel): its optimizer steps flattened"
+            f" parameter shards; {_REFUSED_STRATEGIES['FSDPStrategy'][1]}."
+        )
     if module is None:
         wanted = {id(p) for p in model}  # type: ignore[union-attr]
         _check_params_in_optimizer(raw, wanted)

@@ -18,17 +18,21 @@ def reference_adam_update_gc(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     layouts: dict[str, tuple[int, int]] = LAYOUTS,
+    model: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """The authors' Adam with ``gc_loc=False``, float64, written out: coupled decay enters the gradient before
-    the moments, then ``p -= lr / bc1 * GC(m / (sqrt(v) / sqrt(bc2) + eps))``. Each step averages its batches."""
-    model = TinyConvNet().double()
+    the moments, then ``p -= lr / bc1 * GC(m / (sqrt(v) / sqrt(bc2) + eps))``. Each step averages its batches.
+
+    ``model`` (default: a TinyConvNet) is converted to float64 and loaded with ``initial_state``."""
+    model = (model if model is not None else TinyConvNet()).double()
     model.load_state_dict({k: v.double() for k, v in initial_state.items()})
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     beta1, beta2 = betas
     for t, batches in enumerate(steps, start=1):
         model.zero_grad()
         for x, y in batches:
-            (nn.functional.cross_entropy(model(x.double()), y) / len(batches)).backward()
+            inputs = x.double() if x.is_floating_point() else x
+            (nn.functional.cross_entropy(model(inputs), y) / len(batches)).backward()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 g = p.grad + weight_decay * p
