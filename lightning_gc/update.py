@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +109,9 @@ def _selected(optimizer: Optimizer, module: nn.Module | None, config: GCConfig, 
     targets: list[Target] = []
     for group in optimizer.param_groups:
         params = list(group["params"])
-        chosen = selector.select_from_module(module, params) if module is not None else selector.select_from_params(params)
+        chosen = (
+            selector.select_from_module(module, params) if module is not None else selector.select_from_params(params)
+        )
         targets.extend(chosen)
     _warn_about_selection(selector, [PlannedTarget(t) for t in targets], f"{type(optimizer).__name__} optimizer", warn)
     return targets
@@ -117,7 +119,9 @@ def _selected(optimizer: Optimizer, module: nn.Module | None, config: GCConfig, 
 
 def _signature(optimizer: Optimizer) -> Hashable:
     """Changes whenever the optimizer's parameters (or which of them are trainable) do."""
-    return tuple((tuple(map(id, g["params"])), tuple(p.requires_grad for p in g["params"])) for g in optimizer.param_groups)
+    return tuple(
+        (tuple(map(id, g["params"])), tuple(p.requires_grad for p in g["params"])) for g in optimizer.param_groups
+    )
 
 
 # --- the math on one weight ----------------------------------------------------------------------------------
@@ -148,7 +152,7 @@ def _chunks(tensor: Tensor, dims: tuple[int, ...], elements: int) -> tuple[Tenso
     """``tensor`` cut along its longest reduced dim into pieces of at most ``elements`` entries (where possible)."""
     dim = max(dims, key=lambda d: tensor.shape[d])
     per = max(1, elements // max(1, tensor.numel() // max(1, tensor.shape[dim])))
-    return tensor.split(per, dim)
+    return torch.split(tensor, per, dim)
 
 
 class _Weight:
@@ -230,7 +234,7 @@ class _Weight:
         per_block = max(1, scratch.elements // max(1, self._per_unit))
         if unit_dim is None or per_block >= viewed.shape[unit_dim]:
             return iter(((viewed, sums),))
-        return zip(viewed.split(per_block, unit_dim), sums.split(per_block, unit_dim))
+        return zip(torch.split(viewed, per_block, unit_dim), torch.split(sums, per_block, unit_dim))
 
     def _sums(self, block: Tensor, scratch: _Scratch) -> Tensor:
         dims = self.geometry.dims
@@ -241,7 +245,9 @@ class _Weight:
             return _stage(block, buffer).sum(dim=dims, keepdim=True)
         total: Tensor | None = None
         for chunk in _chunks(block, dims, buffer.numel()):
-            part = self._sums(chunk, scratch) if chunk.numel() <= buffer.numel() else chunk.sum(dims, True, dtype=self.acc)
+            part = (
+                self._sums(chunk, scratch) if chunk.numel() <= buffer.numel() else chunk.sum(dims, True, dtype=self.acc)
+            )
             total = part if total is None else total.add_(part)
         assert total is not None
         return total
@@ -251,7 +257,9 @@ class _Weight:
             block.sub_(delta)
             return
         buffer = scratch.get(self.acc, block.device)
-        for chunk in (block,) if block.numel() <= buffer.numel() else _chunks(block, self.geometry.dims, buffer.numel()):
+        for chunk in (
+            (block,) if block.numel() <= buffer.numel() else _chunks(block, self.geometry.dims, buffer.numel())
+        ):
             if chunk.numel() > buffer.numel():  # one slice bigger than the scratch (a huge unit): a one-off temporary
                 chunk.copy_(chunk.to(self.acc).sub_(delta))
                 continue
@@ -336,7 +344,7 @@ def _all_reduce_sum(parts: list[Tensor], groups: tuple[Any, ...]) -> None:
     flat = torch.cat([p.reshape(-1) for p in parts])
     for group in groups:
         torch.distributed.all_reduce(flat, group=group)
-    for part, reduced in zip(parts, flat.split([p.numel() for p in parts])):
+    for part, reduced in zip(parts, torch.split(flat, [p.numel() for p in parts])):
         part.copy_(reduced.view_as(part))
 
 
@@ -472,7 +480,7 @@ class UpdateHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if _ACTIVE.get(self.optimizer) is self:
+        if self.optimizer in _ACTIVE and _ACTIVE[self.optimizer] is self:
             del _ACTIVE[self.optimizer]
 
     def __enter__(self) -> UpdateHandle:
@@ -581,7 +589,8 @@ def update_config(
         conv_only=conv_only,
         mode=mode,
         exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
-        exclude_modules=exclude_modules if isinstance(exclude_modules, str) else tuple(exclude_modules),
+        # a bare string reaches the validator as it is, which refuses it with the accepted forms
+        exclude_modules=cast(Any, exclude_modules) if isinstance(exclude_modules, str) else tuple(exclude_modules),
     )
 
 

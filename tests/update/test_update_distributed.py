@@ -18,13 +18,13 @@ from reference import gc_reference
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "sharding"))  # dist_pool, dtensor_scenarios
-from dist_pool import LazyPool  # noqa: E402
-from dtensor_scenarios import ConvNet, TPNet, conv_data, seeded, token_data  # noqa: E402
-from update_cases import reference_adam_update_gc  # noqa: E402
-from update_ranks import Layer, ddp_fit, dtensor_layer, fsdp1_refusals, parallel_fit  # noqa: E402
+from dist_pool import LazyPool
+from dtensor_scenarios import ConvNet, TPNet, conv_data, seeded, token_data
+from update_cases import reference_adam_update_gc
+from update_ranks import Layer, ddp_fit, dtensor_layer, fsdp1_refusals, parallel_fit
 
-from lightning_gc import GradientCentralization  # noqa: E402
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError  # noqa: E402
+from lightning_gc import GradientCentralization
+from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
 
 pytestmark = pytest.mark.slow
 

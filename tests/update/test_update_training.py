@@ -79,7 +79,9 @@ def test_unit_means_stay_fixed_over_200_steps_for_every_optimizer(name):
             assert not torch.equal(p.detach(), start[n])  # it trained
     handle.remove()
     _train_plain(model, optimizer, 5)  # without the hooks the means move again: the check above could fail
-    moved = max(float((unit_means(p, *LAYOUTS[n]) - means[n]).abs().max()) for n, p in model.named_parameters() if n in LAYOUTS)
+    moved = max(
+        float((unit_means(p, *LAYOUTS[n]) - means[n]).abs().max()) for n, p in model.named_parameters() if n in LAYOUTS
+    )
     assert moved > 100 * _drift_bound(model.head.weight, 200, 2.0**-24)
 
 

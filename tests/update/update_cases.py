@@ -50,7 +50,7 @@ def reference_adam_update_gc(
 def unit_means(weight: torch.Tensor, out_dim: int, groups: int = 1) -> torch.Tensor:
     """Each output unit's mean, float64 (independent of lightning_gc: the reference's own definition)."""
     w = weight.detach().double()
-    return (w - gc_reference(w, out_dim, groups))
+    return w - gc_reference(w, out_dim, groups)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
