@@ -201,8 +201,11 @@ class _Weight:
         for block, before in self._blocks(viewed, self.before, scratch):
             if buffer is not None and block.numel() <= buffer.numel():
                 staged = _stage(block, buffer)
-                staged.sub_(self._delta(staged.sum(dim=self.geometry.dims, keepdim=True), before))
-                block.copy_(staged)
+                delta = self._delta(staged.sum(dim=self.geometry.dims, keepdim=True), before)
+                if self.dtype in _HALF:  # one rounding: the subtraction in float32, then into the weight
+                    block.copy_(staged.sub_(delta))
+                else:  # float32: the change of the mean rounded to float32 costs eps32 * |delta|, far below the
+                    block.sub_(delta.to(self.dtype))  # rounding of w itself, and saves two passes over the block
             elif buffer is None:
                 block.sub_(self._delta(block.sum(dim=self.geometry.dims, keepdim=True, dtype=self.acc), before))
             else:  # units bigger than the scratch: two passes over slices of them
@@ -255,6 +258,9 @@ class _Weight:
     def _shift(self, block: Tensor, delta: Tensor, scratch: _Scratch) -> None:
         if not self.staged:
             block.sub_(delta)
+            return
+        if self.dtype not in _HALF:  # float32 under float64 sums: see `correct`
+            block.sub_(delta.to(self.dtype))
             return
         buffer = scratch.get(self.acc, block.device)
         for chunk in (
