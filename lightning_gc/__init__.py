@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the names of _EXPORTS, for type checkers and IDEs
     from lightning_gc.callback import GradientCentralization as GradientCentralization
     from lightning_gc.diagnostics import GCStats as GCStats
     from lightning_gc.functional import centralize_gradients as centralize_gradients
+    from lightning_gc.update import centralize_updates as centralize_updates
     from lightning_gc.sharding.guard import UnsupportedGradientLayoutError as UnsupportedGradientLayoutError
 
 # Imported on first use (PEP 562): the `lightning-gc` command (e.g. `new --list`) then starts without
@@ -24,6 +25,7 @@ _EXPORTS = {
     "GradientCentralization": "lightning_gc.callback",
     "UnsupportedGradientLayoutError": "lightning_gc.sharding.guard",
     "centralize_gradients": "lightning_gc.functional",
+    "centralize_updates": "lightning_gc.update",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
