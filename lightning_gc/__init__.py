@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # the names of _EXPORTS, for type checkers and IDEs
     from lightning_gc.callback import GradientCentralization as GradientCentralization
     from lightning_gc.diagnostics import GCStats as GCStats
     from lightning_gc.functional import centralize_gradients as centralize_gradients
-    from lightning_gc.update import centralize_updates as centralize_updates
     from lightning_gc.sharding.guard import UnsupportedGradientLayoutError as UnsupportedGradientLayoutError
+    from lightning_gc.update import centralize_updates as centralize_updates
 
 # Imported on first use (PEP 562): the `lightning-gc` command (e.g. `new --list`) then starts without
 # importing torch and Lightning, which takes seconds.

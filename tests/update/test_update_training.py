@@ -13,8 +13,7 @@ from models import LAYOUTS, TinyConvNet, TinyModule, loader, make_batches, net_s
 from torch import nn
 from update_cases import reference_adam_update_gc, relative_error, unit_means
 
-from lightning_gc import GradientCentralization
-from lightning_gc import centralize_updates
+from lightning_gc import GradientCentralization, centralize_updates
 from lightning_gc.update import UpdateHandle
 
 CENTRALIZED = {f"net.{name}": layout for name, layout in LAYOUTS.items()}
