@@ -23,7 +23,7 @@ shard cuts units, the change of each unit's partial sum is all-reduced over the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -32,14 +32,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_gc.centralize import Mode, RowLayout
 from lightning_gc.config import GCConfig
-from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec, Target
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
+from lightning_gc.errors import UnsupportedGradientLayoutError
+from lightning_gc.layouts import Mode, RowLayout
+from lightning_gc.plan_cache import plan_signature
+from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec, Target, select
 
 Warn = Callable[[str], None]
 
-PLACEMENTS: tuple[str, ...] = ("gradient", "update")
 SCRATCH_MAX_BYTES = 1 << 20
 """Most bytes of the scratch a block of units is summed in: a block stays in L2 between sum and correction."""
 SCRATCH_MIN_BYTES = 64 << 10
@@ -101,27 +101,10 @@ class _Geometry:
         return self.layout.groups > 1 and self.unit_dim is not None
 
 
-def _selected(optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn) -> list[Target]:
+def _selected(optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn | None) -> list[Target]:
     """The parameters of ``optimizer`` that gradient GC would centralize, with their layouts."""
-    from lightning_gc.plan import PlannedTarget, _warn_about_selection
-
-    selector = config.selector()
-    targets: list[Target] = []
-    for group in optimizer.param_groups:
-        params = list(group["params"])
-        chosen = (
-            selector.select_from_module(module, params) if module is not None else selector.select_from_params(params)
-        )
-        targets.extend(chosen)
-    _warn_about_selection(selector, [PlannedTarget(t) for t in targets], f"{type(optimizer).__name__} optimizer", warn)
-    return targets
-
-
-def _signature(optimizer: Optimizer) -> Hashable:
-    """Changes whenever the optimizer's parameters (or which of them are trainable) do."""
-    return tuple(
-        (tuple(map(id, g["params"])), tuple(p.requires_grad for p in g["params"])) for g in optimizer.param_groups
-    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return select(module if module is not None else params, config, optimizer, warn=warn).targets
 
 
 # --- the math on one weight ----------------------------------------------------------------------------------
@@ -304,7 +287,7 @@ class UpdatePlan:
 
     @classmethod
     def for_optimizer(
-        cls, optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn = print
+        cls, optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn | None = None
     ) -> UpdatePlan:
         """Plan for the parameters of ``optimizer`` that gradient GC would select (owners looked up in ``module``).
 
@@ -386,7 +369,7 @@ def _dtensor_weight(target: Target, geometry: _Geometry, mode: Mode) -> _Weight:
                 " knows (Shard, _StridedShard, Replicate)."
             )
         dim0_sharded = dim0_sharded or dim == 0
-        if mode == "tensor" or dim != layout.out_dim:
+        if mode == "tensor" or dim not in layout.out_dims:
             groups.append(mesh.get_group(mesh_dim))
     logical = geometry.view(torch.empty(param.shape, device="meta"))
     count = logical.numel() // max(1, geometry.units(logical.shape))
@@ -468,7 +451,7 @@ class UpdateHandle:
         self.optimizer = optimizer
         self.steps = 0
         self._build = build
-        self._signature = _signature(optimizer)
+        self._signature = plan_signature(optimizer)
         self.plan = build()
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -496,7 +479,7 @@ class UpdateHandle:
         self.remove()
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        signature = _signature(optimizer)
+        signature = plan_signature(optimizer)
         if signature != self._signature:
             self.plan, self._signature = self._build(), signature
         self.plan.record()
@@ -560,9 +543,7 @@ def centralize_updates(
         centralize_weight_decay=centralize_weight_decay,
     )
     if warn is None:
-        from lightning_gc.functional import _warn
-
-        warn = _warn
+        from lightning_gc.errors import warn
     raw = _unwrap_optimizer(optimizer)
     module = _unwrap_module(model) if isinstance(model, nn.Module) else None
     if module is not None and any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
@@ -585,34 +566,19 @@ def update_config(
     exclude_modules: Sequence[ModuleSpec] | str = DEFAULT_EXCLUDED_MODULES,
     centralize_weight_decay: bool = False,
 ) -> GCConfig:
-    """The validated options of the update placement.
+    """The validated options of the update placement (``GCConfig(apply_to="update", ...)``).
 
     Raises:
-        ValueError: as :class:`~lightning_gc.config.GCConfig` does, and for ``centralize_weight_decay=True``.
+        ValueError: as :class:`~lightning_gc.config.GCConfig` does, ``centralize_weight_decay=True`` included.
     """
-    check_placement("update", centralize_weight_decay)
     return GCConfig(
         conv_only=conv_only,
         mode=mode,
-        exclude=(exclude,) if isinstance(exclude, str) else tuple(exclude),
-        # a bare string reaches the validator as it is, which refuses it with the accepted forms
-        exclude_modules=cast(Any, exclude_modules) if isinstance(exclude_modules, str) else tuple(exclude_modules),
+        centralize_weight_decay=centralize_weight_decay,
+        exclude=cast(Any, exclude),  # GCConfig validates and normalizes
+        exclude_modules=cast(Any, exclude_modules),
+        apply_to="update",
     )
-
-
-def check_placement(apply_to: object, centralize_weight_decay: object = False) -> None:
-    """Validate ``apply_to`` and its combination with ``centralize_weight_decay``.
-
-    Raises:
-        ValueError: naming the argument and the accepted values.
-    """
-    if apply_to not in PLACEMENTS:
-        raise ValueError(f"`apply_to` must be one of {PLACEMENTS}, got {apply_to!r}")
-    if apply_to == "update" and centralize_weight_decay is True:
-        raise ValueError(
-            "`centralize_weight_decay=True` has no meaning with `apply_to='update'`: the weight decay is already"
-            " part of the update that GC centralizes. Use centralize_weight_decay=False (the default)."
-        )
 
 
 def check_strategy(strategy: object) -> None:

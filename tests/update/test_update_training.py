@@ -319,7 +319,7 @@ def test_hooks_are_removed_at_teardown():
     "kwargs, match",
     [
         (dict(apply_to="weights"), "`apply_to` must be one of"),
-        (dict(apply_to="update", centralize_weight_decay=True), "no meaning with `apply_to='update'`"),
+        (dict(apply_to="update", centralize_weight_decay=True), "cannot be combined with `apply_to='update'`"),
         (dict(apply_to="update", mode="rows"), "`mode` must be one of"),
     ],
 )
@@ -331,7 +331,7 @@ def test_bad_options_are_refused(kwargs, match):
 def test_functional_options_are_validated_the_same_way():
     model = TinyConvNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="no meaning with `apply_to='update'`"):
+    with pytest.raises(ValueError, match="cannot be combined with `apply_to='update'`"):
         centralize_updates(model, optimizer, centralize_weight_decay=True)
     with pytest.raises(ValueError, match="`mode` must be one of"):
         centralize_updates(model, optimizer, mode="rows")
