@@ -55,8 +55,8 @@ class GradientCentralization(Callback):
             optimizer step every selected weight becomes ``w_before + GC(w_after - w_before)``, the whole change
             (momentum, adaptive scaling, weight decay) centralized, so every unit's mean stays fixed for any
             optimizer; the authors' placement for adaptive optimizers (see :func:`lightning_gc.centralize_updates`).
-            Through the optimizer's step hooks, registered at fit start and removed at teardown; FSDP1 and
-            DeepSpeed are refused at ``setup``; no ``gc/*`` diagnostics are logged.
+            Through the optimizer's step hooks, registered at fit start and removed at teardown; DeepSpeed is
+            refused at ``setup``; no ``gc/*`` diagnostics are logged.
         layouts: extra layer layouts, registered for every selection (see
             :func:`lightning_gc.register_layout`): mappings ``{"layer": "pkg.module.Class", "param": "weight",
             "out_dims": [1]}`` (also ``groups_attr``, ``reason``; ``out_dims: null`` leaves the parameter
@@ -136,7 +136,7 @@ class GradientCentralization(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._update is not None:  # the update placement runs in the optimizers' own step hooks
-            self._update.attach(trainer.optimizers, pl_module, rank_zero_warn)
+            self._update.attach(trainer.optimizers, pl_module, rank_zero_warn, getattr(trainer.strategy, "model", None))
         if self.report == "none" or self._reported:
             return
         self._reported = True

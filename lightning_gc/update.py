@@ -49,11 +49,6 @@ BUDGET_FRACTION = 100
 
 _HALF = (torch.float16, torch.bfloat16)
 _REFUSED_STRATEGIES = {
-    "FSDPStrategy": (
-        "FSDP1 (FSDPStrategy)",
-        "use ModelParallelStrategy (FSDP2 `fully_shard`), where the update placement is exact, or"
-        " apply_to='gradient', which is exact under FSDPStrategy",
-    ),
     "DeepSpeedStrategy": (
         "DeepSpeed",
         "use ModelParallelStrategy (FSDP2) or DDP, where the update placement is exact, or apply_to='gradient',"
@@ -276,8 +271,9 @@ class UpdatePlan:
         True
     """
 
-    def __init__(self, weights: list[_Weight]) -> None:
+    def __init__(self, weights: list[_Weight], pieces: list[_PieceGroup] | None = None) -> None:
         self.weights = weights
+        self.pieces = pieces or []
         weight_bytes = sum(w.nbytes for w in weights)
         sum_bytes = sum(w.before.numel() * w.before.element_size() for w in weights)
         budget = weight_bytes // BUDGET_FRACTION - sum_bytes  # sums and scratch together within the budget
@@ -287,13 +283,25 @@ class UpdatePlan:
 
     @classmethod
     def for_optimizer(
-        cls, optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn | None = None
+        cls,
+        optimizer: Optimizer,
+        module: nn.Module | None,
+        config: GCConfig,
+        warn: Warn | None = None,
+        root: nn.Module | None = None,
     ) -> UpdatePlan:
         """Plan for the parameters of ``optimizer`` that gradient GC would select (owners looked up in ``module``).
 
+        ``root`` (default ``module``) is searched for FSDP1 modules: their flat shards are corrected in place
+        with the row geometry of the gradient route.
+
         Raises:
-            UnsupportedGradientLayoutError: for FSDP1-flattened parameters and DTensor layouts it cannot correct.
+            UnsupportedGradientLayoutError: for FSDP1-flattened parameters no FSDP module owns, and DTensor
+                layouts it cannot correct.
         """
+        root = root if root is not None else module
+        if module is not None and root is not None and _has_fsdp1(root):
+            return _fsdp1_plan(optimizer, module, root, config, warn)
         return cls([_weight_for(target, config.mode) for target in _selected(optimizer, module, config, warn)])
 
     @property
@@ -308,6 +316,8 @@ class UpdatePlan:
         with torch.no_grad():
             for weight in self.weights:
                 weight.record(self._scratch)
+            for group in self.pieces:
+                group.record()
         self._recorded = True
 
     def correct(self) -> None:
@@ -326,6 +336,8 @@ class UpdatePlan:
                 _all_reduce_sum([c for _, c in changes], groups)
                 for weight, change in changes:
                     weight.shift(change, self._scratch)
+            for group in self.pieces:
+                group.correct()
 
 
 def _all_reduce_sum(parts: list[Tensor], groups: tuple[Any, ...]) -> None:
@@ -343,8 +355,7 @@ def _weight_for(target: Target, mode: Mode) -> _Weight:
     if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
         raise UnsupportedGradientLayoutError(
             f"GC of the update (apply_to='update') cannot correct `{target.name}`: FSDP1 flattened it into 1-D"
-            " shards. Use ModelParallelStrategy (FSDP2 `fully_shard`), where the update placement is exact, or"
-            " apply_to='gradient', which is exact under FSDP1."
+            " shards and no FullyShardedDataParallel module it was given owns them: pass the FSDP-wrapped model."
         )
     if _is_dtensor(param):
         return _dtensor_weight(target, geometry, mode)
@@ -415,6 +426,58 @@ class _SplitGroupsWeight(_Weight):
 
     def shift(self, total_change: Tensor, scratch: _Scratch) -> None:
         super().shift(total_change.index_select(0, self.group_of_row), scratch)
+
+
+class _PieceGroup:
+    """FSDP1 flat-shard pieces sharing one process group (the gradient route's :class:`ReduceGroup` geometry).
+
+    Each rank holds contiguous pieces of some weights. Before the step it records each piece's per-row sums
+    (float64; rows are output units); after it, the change of the sums of rows that shard boundaries cut is
+    all-reduced (one buffer, the same layout on every rank), and each rank subtracts every row's change of
+    mean from its piece. Rows held whole by one rank never travel.
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.before: dict[int, Tensor] = {}
+
+    def record(self) -> None:
+        for target in self.group.targets:
+            weight = target.weight()
+            if weight is not None:
+                self.before[id(target)] = target.piece.sums(weight, torch.float64)
+
+    def correct(self) -> None:
+        live = [(t, w) for t in self.group.targets if (w := t.weight()) is not None and id(t) in self.before]
+        changes = [t.piece.sums(w, torch.float64).sub_(self.before[id(t)]) for t, w in live]
+        reduced = None
+        if not self.group.replicated and self.group.grad_slots:  # the same on every rank: a collective
+            reduced = torch.zeros(self.group.grad_slots, dtype=torch.float64, device=self.group.device)
+            slots = [t.grad_slots for t, _ in live]
+            parts = [c.index_select(0, t.local_cut.to(c.device)).to(reduced.device) for (t, _), c in zip(live, changes)]
+            if any(s.numel() for s in slots):
+                reduced.index_copy_(0, torch.cat(slots), torch.cat(parts))
+            torch.distributed.all_reduce(reduced, group=self.group.process_group)
+        for (target, weight), change in zip(live, changes):
+            if reduced is not None and target.grad_slots.numel():
+                local = target.local_cut.to(change.device)
+                change = change.index_copy(0, local, reduced.index_select(0, target.grad_slots).to(change.device))
+            target.piece.subtract_(weight, change.div_(target.rows.row_numel).to(weight.dtype))
+
+
+def _has_fsdp1(module: nn.Module) -> bool:
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules())
+
+
+def _fsdp1_plan(
+    optimizer: Optimizer, module: nn.Module, root: nn.Module, config: GCConfig, warn: Warn | None
+) -> UpdatePlan:
+    """The flat-shard targets of the gradient route (same selection, same row geometry), corrected as updates."""
+    from lightning_gc.sharding.fsdp import FlatShardPlan
+
+    shards = FlatShardPlan.for_optimizer(optimizer, module, root, config, warn or (lambda message: None))
+    dense = [_weight_for(t, config.mode) for t in (shards.dense.targets if shards.dense is not None else [])]
+    return UpdatePlan(dense, [_PieceGroup(group) for group in shards.groups])
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -546,11 +609,6 @@ def centralize_updates(
         from lightning_gc.errors import warn
     raw = _unwrap_optimizer(optimizer)
     module = _unwrap_module(model) if isinstance(model, nn.Module) else None
-    if module is not None and any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
-        raise UnsupportedGradientLayoutError(
-            "centralize_updates does not support FSDP1 (FullyShardedDataParallel): its optimizer steps flattened"
-            f" parameter shards; {_REFUSED_STRATEGIES['FSDPStrategy'][1]}."
-        )
     if module is None:
         wanted = {id(p) for p in model}  # type: ignore[union-attr]
         _check_params_in_optimizer(raw, wanted)
@@ -633,14 +691,17 @@ class UpdateHooks:
         self.config = config
         self.handles: list[UpdateHandle] = []
 
-    def attach(self, optimizers: Iterable[Any], module: nn.Module, warn: Warn) -> None:
-        """Hook every optimizer (Lightning's wrappers unwrapped); a second call re-hooks."""
+    def attach(self, optimizers: Iterable[Any], module: nn.Module, warn: Warn, root: nn.Module | None = None) -> None:
+        """Hook every optimizer (Lightning's wrappers unwrapped); a second call re-hooks.
+
+        ``root``: the strategy's wrapped model (FSDP1 modules are looked up there).
+        """
         self.detach()
         config = self.config
         for optimizer in optimizers:
             raw = _unwrap_optimizer(optimizer)
             self.handles.append(
-                UpdateHandle(raw, lambda raw=raw: UpdatePlan.for_optimizer(raw, module, config, warn))  # type: ignore[misc]
+                UpdateHandle(raw, lambda raw=raw: UpdatePlan.for_optimizer(raw, module, config, warn, root))  # type: ignore[misc]
             )
 
     def detach(self) -> None:

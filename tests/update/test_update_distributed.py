@@ -1,4 +1,4 @@
-"""The update placement on 2 gloo ranks: DDP, FSDP2 and tensor parallel exact; FSDP1 and DeepSpeed refused.
+"""The update placement on 2 gloo ranks: DDP, FSDP2, tensor parallel and FSDP1 exact; DeepSpeed refused.
 
 Every result is compared with a float64 single-process reference over the union of all ranks' batches
 (tests/update/update_cases.py); the ranks stay up for the whole module (tests/sharding/dist_pool.py).
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "sharding"))  # dist_pool,
 from dist_pool import LazyPool
 from dtensor_scenarios import ConvNet, TPNet, conv_data, seeded, token_data
 from update_cases import reference_adam_update_gc
-from update_ranks import Layer, ddp_fit, dtensor_layer, fsdp1_refusals, parallel_fit
+from update_ranks import Layer, ddp_fit, dtensor_layer, fsdp1_fit, fsdp1_functional, parallel_fit
 
 from lightning_gc import GradientCentralization
 from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
@@ -115,13 +115,54 @@ def test_fsdp2_and_tensor_parallel_match_the_reference_on_every_rank(ranks, layo
     assert np.linalg.norm(plain[name].numpy() - expected[name].numpy()) > 1e-3 * np.linalg.norm(expected[name].numpy())
 
 
-def test_fsdp1_is_refused_at_setup_and_by_the_functional_api_naming_the_alternative(ranks):
-    for at_setup, orig_params, flat_params in ranks.run(fsdp1_refusals):
-        assert at_setup.startswith("UnsupportedGradientLayoutError"), at_setup
-        assert "does not support FSDP1 (FSDPStrategy)" in at_setup and "ModelParallelStrategy" in at_setup
-        for message in (orig_params, flat_params):
-            assert message.startswith("UnsupportedGradientLayoutError"), message
-            assert "does not support FSDP1" in message and "apply_to='gradient'" in message
+def _tiny_reference(steps: int, lr: float, decay: float) -> dict[str, torch.Tensor]:
+    from models import TinyModule
+
+    torch.manual_seed(0)
+    initial = {k: v.detach().clone() for k, v in TinyModule("adam").net.state_dict().items()}
+    batches = make_batches(2 * steps)
+    per_step = [[batches[2 * k], batches[2 * k + 1]] for k in range(steps)]  # rank 0's and rank 1's
+    return reference_adam_update_gc(initial, per_step, lr=lr, weight_decay=decay)
+
+
+FSDP1_CONFIGS = {
+    "orig params, head wrapped apart": {"use_orig_params": True, "wrap": True},
+    "flat params, one flat parameter": {"use_orig_params": False},
+    "no_shard": {"sharding": "NO_SHARD"},
+}
+
+
+@pytest.mark.parametrize("name", FSDP1_CONFIGS)
+def test_fsdp1_matches_the_reference_on_every_rank(ranks, name):
+    steps, lr, decay = 3, 0.01, 0.05
+    results = ranks.run(fsdp1_fit, FSDP1_CONFIGS[name], steps, lr, decay)
+    expected = _tiny_reference(steps, lr, decay)
+    if name != "no_shard":
+        assert results[0]["cut_rows"] > 0  # shard boundaries cut some rows: their change of sum is all-reduced
+    for result in results:
+        for key, value in result["weights"].items():
+            want = expected[key].numpy()
+            assert np.linalg.norm(value - want) <= 2e-6 * np.linalg.norm(want), (name, key)
+    for key, value in results[0]["weights"].items():
+        np.testing.assert_array_equal(value, results[1]["weights"][key])
+
+
+def test_fsdp1_functional_api_matches_the_reference(ranks):
+    steps, lr = 3, 0.01
+    results = ranks.run(fsdp1_functional, steps, lr)
+    expected = _tiny_reference(steps, lr, 0.0)
+    for result in results:
+        for key, value in result.items():
+            want = expected[key].numpy()
+            assert np.linalg.norm(value - want) <= 2e-6 * np.linalg.norm(want), key
+    from models import TinyModule
+
+    torch.manual_seed(0)
+    initial = {k: v.detach().clone() for k, v in TinyModule("adam").net.state_dict().items()}
+    batches = make_batches(2 * steps)
+    per_step = [[batches[2 * k], batches[2 * k + 1]] for k in range(steps)]
+    plain = reference_adam_update_gc(initial, per_step, lr=lr, layouts={})  # the check above can fail
+    assert np.linalg.norm(plain["head.weight"].numpy() - expected["head.weight"].numpy()) > 1e-4
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -177,33 +177,45 @@ def parallel_fit(layout: str, steps: int, lr: float, weight_decay: float, kwargs
     return {"weights": weights, "steps": gc.optimizer_steps}
 
 
-def fsdp1_refusals() -> list[str]:
-    """The errors of the update placement under FSDP1: the callback at setup, the functional API at once."""
-    from lightning.pytorch.strategies import FSDPStrategy
-    from models import TinyConvNet, TinyModule, loader, make_batches
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def fsdp1_fit(config: dict[str, Any], steps: int, lr: float, weight_decay: float) -> dict[str, Any]:
+    """TinyModule (Adam, coupled decay) under FSDP1 on CPU (tests/sharding/_fsdp_worker's strategy)."""
+    from _fsdp_worker import _full_params, _strategy
+    from models import TinyModule, loader, make_batches
 
     from lightning_gc import GradientCentralization
-    from lightning_gc.update import centralize_updates
 
-    class CPUFSDPStrategy(FSDPStrategy):  # Lightning refuses FSDPStrategy itself on CPU; the refusal comes first
-        pass
+    torch.manual_seed(0)
+    module = TinyModule("adam", lr=lr, weight_decay=weight_decay)
+    own = make_batches(2 * steps)[torch.distributed.get_rank() :: 2]
+    gc = GradientCentralization(apply_to="update")
+    plans: list[Any] = []
 
-    messages = []
-    strategy = CPUFSDPStrategy(process_group_backend="gloo")
-    trainer = _trainer(strategy, "32-true", 1, [GradientCentralization(apply_to="update")])
-    try:
-        trainer.fit(TinyModule("adam", lr=0.01), loader(make_batches(1)))
-        messages.append("no error")
-    except Exception as error:
-        messages.append(f"{type(error).__name__}: {error}")
-    for use_orig_params in (True, False):
-        wrapped = FullyShardedDataParallel(
-            TinyConvNet(), device_id=torch.device("cpu"), use_orig_params=use_orig_params
-        )
-        try:
-            centralize_updates(wrapped, torch.optim.Adam(wrapped.parameters(), lr=0.01))
-            messages.append("no error")
-        except Exception as error:
-            messages.append(f"{type(error).__name__}: {error}")
-    return messages
+    class KeepPlans(pl.Callback):  # the hooks are removed at teardown: keep their plans for the checks
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            plans.extend(h.plan for h in gc._update.handles)  # type: ignore[union-attr]
+
+    trainer = _trainer(_strategy(config), "32-true", steps, [gc, KeepPlans()])
+    trainer.fit(module, loader(own))
+    cut = sum(group.group.grad_slots for plan in plans for group in plan.pieces)
+    assert plans and all(not plan.weights and plan.pieces for plan in plans)  # every weight through its shards
+    return {"weights": {k: v.numpy() for k, v in _full_params(trainer.strategy.model).items()}, "cut_rows": cut}
+
+
+def fsdp1_functional(steps: int, lr: float) -> dict[str, np.ndarray]:
+    """centralize_updates on a bare FullyShardedDataParallel module (one flat parameter for the whole net)."""
+    from _fsdp_worker import _full_params
+    from models import TinyConvNet, make_batches
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_gc import centralize_updates
+
+    torch.manual_seed(0)
+    wrapped = FullyShardedDataParallel(TinyConvNet(), device_id=torch.device("cpu"), use_orig_params=False)
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=lr)
+    handle = centralize_updates(wrapped, optimizer)
+    for x, y in make_batches(2 * steps)[torch.distributed.get_rank() :: 2]:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(wrapped(x), y).backward()
+        optimizer.step()
+    handle.remove()
+    return {k: v.numpy() for k, v in _full_params(wrapped).items()}
