@@ -17,7 +17,9 @@ accumulation behave alike, and a step the AMP ``GradScaler`` skips changes nothi
 
 DTensor parameters (FSDP2 ``fully_shard``, tensor parallel) are corrected in their sharded layout: where a
 shard cuts units, the change of each unit's partial sum is all-reduced over the mesh dims that cut it
-(``O(units)`` values, once per step). FSDP1 and DeepSpeed are refused (:func:`check_strategy`).
+(``O(units)`` values, once per step). FSDP1 flat shards use the gradient route's row geometry
+(:mod:`lightning_gc.sharding.flat_rows`): only the rows that shard boundaries cut travel. DeepSpeed is refused
+(:func:`check_strategy`): its inner optimizer steps the fp32 master partitions one param group at a time.
 """
 
 from __future__ import annotations
@@ -570,8 +572,8 @@ def centralize_updates(
     layouts) and ``mode`` are those of :func:`~lightning_gc.centralize_gradients`. Unlike GC of the gradient,
     every unit's mean stays fixed for every optimizer (Adam's per-entry scaling included).
 
-    DTensor parameters (FSDP2, tensor parallel) are corrected exactly in their sharded layout; every rank
-    steps, as those strategies require anyway.
+    DTensor parameters (FSDP2, tensor parallel) and FSDP1-wrapped modules (pass the wrapped model) are
+    corrected exactly in their sharded layout; every rank steps, as those strategies require anyway.
 
     Args:
         model: the model (module types known) or its parameters.
@@ -585,7 +587,7 @@ def centralize_updates(
 
     Raises:
         ValueError: for invalid options, ``centralize_weight_decay=True``, or an optimizer already hooked.
-        UnsupportedGradientLayoutError: for FSDP1-flattened parameters (use FSDP2, or GC of the gradient).
+        UnsupportedGradientLayoutError: for FSDP1-flattened parameters without their FSDP module.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -643,7 +645,7 @@ def check_strategy(strategy: object) -> None:
     """Refuse strategies under which the update placement has no exact route.
 
     Raises:
-        UnsupportedGradientLayoutError: for FSDP1 (``FSDPStrategy``) and DeepSpeed, naming the alternatives.
+        UnsupportedGradientLayoutError: for DeepSpeed (any ZeRO stage), naming the alternatives.
     """
     bases = {cls.__name__ for cls in type(strategy).__mro__}
     for base, (what, alternative) in _REFUSED_STRATEGIES.items():
