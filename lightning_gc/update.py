@@ -98,10 +98,19 @@ class _Geometry:
         return self.layout.groups > 1 and self.unit_dim is not None
 
 
-def _selected(optimizer: Optimizer, module: nn.Module | None, config: GCConfig, warn: Warn | None) -> list[Target]:
-    """The parameters of ``optimizer`` that gradient GC would centralize, with their layouts."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return select(module if module is not None else params, config, optimizer, warn=warn).targets
+def _selected(
+    optimizer: Optimizer,
+    module: nn.Module | None,
+    config: GCConfig,
+    warn: Warn | None,
+    params: list[nn.Parameter] | None = None,
+) -> list[Target]:
+    """The parameters of ``optimizer`` (only ``params`` if given) that gradient GC would centralize, with layouts."""
+    if module is not None:
+        return select(module, config, optimizer, warn=warn).targets
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    return select(params, config, optimizer, warn=warn).targets
 
 
 # --- the math on one weight ----------------------------------------------------------------------------------
@@ -291,11 +300,12 @@ class UpdatePlan:
         config: GCConfig,
         warn: Warn | None = None,
         root: nn.Module | None = None,
+        params: list[nn.Parameter] | None = None,
     ) -> UpdatePlan:
         """Plan for the parameters of ``optimizer`` that gradient GC would select (owners looked up in ``module``).
 
         ``root`` (default ``module``) is searched for FSDP1 modules: their flat shards are corrected in place
-        with the row geometry of the gradient route.
+        with the row geometry of the gradient route. Without a module, ``params`` restricts the plan to them.
 
         Raises:
             UnsupportedGradientLayoutError: for FSDP1-flattened parameters no FSDP module owns, and DTensor
@@ -304,7 +314,8 @@ class UpdatePlan:
         root = root if root is not None else module
         if module is not None and root is not None and _has_fsdp1(root):
             return _fsdp1_plan(optimizer, module, root, config, warn)
-        return cls([_weight_for(target, config.mode) for target in _selected(optimizer, module, config, warn)])
+        targets = _selected(optimizer, module, config, warn, params)
+        return cls([_weight_for(target, config.mode) for target in targets])
 
     @property
     def extra_bytes(self) -> int:
@@ -611,11 +622,11 @@ def centralize_updates(
         from lightning_gc.errors import warn
     raw = _unwrap_optimizer(optimizer)
     module = _unwrap_module(model) if isinstance(model, nn.Module) else None
-    if module is None:
-        wanted = {id(p) for p in model}  # type: ignore[union-attr]
-        _check_params_in_optimizer(raw, wanted)
+    params = None if isinstance(model, nn.Module) else list(model)
+    if params is not None:
+        _check_params_in_optimizer(raw, {id(p) for p in params})
     report = warn
-    return UpdateHandle(raw, lambda: UpdatePlan.for_optimizer(raw, module, config, report))
+    return UpdateHandle(raw, lambda: UpdatePlan.for_optimizer(raw, module, config, report, params=params))
 
 
 def update_config(

@@ -347,3 +347,18 @@ def test_selection_options_apply_as_for_gradient_gc():
         assert [w.name for w in handle.plan.weights] == ["conv.weight"]
     with pytest.warns(UserWarning, match="matched no parameter"):
         centralize_updates(model, optimizer, exclude=["nothing.*"]).remove()
+
+
+def test_given_parameters_restrict_the_plan_to_them():
+    model = TinyConvNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    means = {n: unit_means(p, *LAYOUTS[n]) for n, p in model.named_parameters() if n in LAYOUTS}
+    with centralize_updates([model.conv.weight, model.head.weight], optimizer) as handle:
+        assert [w.name for w in handle.plan.weights] == ["param_0", "param_1"]
+        _train_plain(model, optimizer, 3)
+    for name, p in model.named_parameters():
+        if name in LAYOUTS:
+            drift = float((unit_means(p, *LAYOUTS[name]) - means[name]).abs().max())
+            assert (drift <= _drift_bound(p, 3, 2.0**-24)) == (name != "up.weight"), (name, drift)
+    with pytest.raises(ValueError, match="does not step"):
+        centralize_updates([nn.Parameter(torch.zeros(2, 2))], optimizer)
