@@ -70,7 +70,9 @@ class PlanCache:
         if cached is not None and cached[0] == signature:
             return cached[1]
         plan = self._build(adapter, config, optimizer, module, params, warn)
-        plans[key] = (signature, plan)
+        selection = getattr(plan, "selection", None)
+        if selection is None or not selection.provisional:  # Lazy layers keep their ids when they get a shape
+            plans[key] = (signature, plan)
         return plan
 
     def _build(

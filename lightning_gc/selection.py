@@ -145,6 +145,11 @@ class Selection:
     unmatched_modules: list[str] = field(default_factory=list)
 
     @property
+    def provisional(self) -> bool:
+        """Whether a Lazy layer had no shape yet: a plan from this selection must not be reused once it has one."""
+        return any(c.shape == () and c.reason.startswith("uninitialized") for c in self.choices)
+
+    @property
     def assumed(self) -> list[Choice]:
         """Parameters centralized by the dim-0 rule because no layout is registered for them."""
         return [c for c in self.choices if c.decision == "assumed"]

@@ -145,3 +145,13 @@ def test_a_dtype_change_replans_so_means_use_the_new_precision(optimizer, eager_
     centralize_gradients(model, optimizer=opt)
     expected = grads["weight"] - grads["weight"].mean(dim=1, keepdim=True)
     torch.testing.assert_close(model.weight.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_plan_made_before_a_lazy_layer_has_its_shape_is_not_reused():
+    cache, model = PlanCache(), nn.Sequential(nn.LazyLinear(3))
+    before = cache.plan(DenseAdapter(), GCConfig(), model)
+    assert before.targets == []  # type: ignore[attr-defined]
+    model(torch.randn(2, 5))  # materializes the weight in place: same Parameter object, same id
+    after = cache.plan(DenseAdapter(), GCConfig(), model)
+    assert [t.name for t in after.targets] == ["0.weight"]  # type: ignore[attr-defined]
+    assert cache.plan(DenseAdapter(), GCConfig(), model) is after
