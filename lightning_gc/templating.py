@@ -13,6 +13,7 @@ into a temporary folder).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import keyword
 import os
@@ -137,24 +138,36 @@ def find_templates(root: Path | None = None) -> dict[str, Template]:
 def installed_requirement() -> Requirement:
     """The requirement that installs the ``lightning-gc`` running now, from where it came from.
 
-    - Running from a source checkout (an editable install, or the tree on ``PYTHONPATH``): that folder,
-      ``lightning-gc @ file:///path/to/checkout``.
-    - Installed from a wheel or sdist file, a URL or a VCS (the distribution's ``direct_url.json``, PEP 610):
-      that file or URL.
-    - Installed from a package index: the version, ``lightning-gc==X.Y.Z``.
+    See :func:`requirement_for`; this one looks at the running package's folder and the installed
+    distribution's metadata.
 
     Example:
         >>> installed_requirement().spec.startswith("lightning-gc")
         True
     """
-    import importlib.metadata
-
-    checkout = Path(__file__).resolve().parent.parent
-    if _is_lightning_gc_checkout(checkout):
-        return Requirement(f"lightning-gc @ {checkout.as_uri()}", f"the source checkout {checkout}")
     try:
-        distribution = importlib.metadata.distribution("lightning-gc")
+        distribution: importlib.metadata.Distribution | None = importlib.metadata.distribution("lightning-gc")
     except importlib.metadata.PackageNotFoundError:
+        distribution = None
+    return requirement_for(Path(__file__).resolve().parent.parent, distribution)
+
+
+def requirement_for(source_root: Path, distribution: importlib.metadata.Distribution | None) -> Requirement:
+    """The ``lightning-gc`` requirement for a package imported from ``source_root``, installed as ``distribution``.
+
+    - ``source_root`` is a lightning-gc source checkout (an editable install, or the tree on ``PYTHONPATH``):
+      that folder, ``lightning-gc @ file:///path/to/checkout``.
+    - Installed from a wheel or sdist file, a URL or a VCS (the distribution's ``direct_url.json``, PEP 610):
+      that file or URL.
+    - Installed from a package index (no ``direct_url.json``): its version, ``lightning-gc==X.Y.Z``.
+
+    Example:
+        >>> requirement_for(Path("/nowhere"), None)
+        Requirement(spec='lightning-gc', origin='the package index (no installed lightning-gc was found)')
+    """
+    if _is_lightning_gc_checkout(source_root):
+        return Requirement(f"lightning-gc @ {source_root.as_uri()}", f"the source checkout {source_root}")
+    if distribution is None:
         return Requirement("lightning-gc", "the package index (no installed lightning-gc was found)")
     direct = json.loads(distribution.read_text("direct_url.json") or "null")
     if not isinstance(direct, dict) or "url" not in direct:
@@ -162,10 +175,11 @@ def installed_requirement() -> Requirement:
     url = str(direct["url"])
     vcs = direct.get("vcs_info")
     if isinstance(vcs, dict) and "vcs" in vcs:
-        return Requirement(f"lightning-gc @ {vcs['vcs']}+{url}@{vcs.get('commit_id', '')}".rstrip("@"), url)
+        commit = f"@{vcs['commit_id']}" if vcs.get("commit_id") else ""
+        return Requirement(f"lightning-gc @ {vcs['vcs']}+{url}{commit}", f"the {vcs['vcs']} repository {url}")
     if url.startswith("file:"):
         path = unquote(urlparse(url).path)
-        kind = "wheel" if path.endswith(".whl") else "folder" if Path(path).is_dir() else "file"
+        kind = "wheel" if path.endswith(".whl") else "folder" if "dir_info" in direct else "file"
         return Requirement(f"lightning-gc @ {url}", f"the {kind} {path}")
     return Requirement(f"lightning-gc @ {url}", url)
 
@@ -261,7 +275,9 @@ def check_destination(destination: str | os.PathLike[str]) -> Path:
     """
     path = Path(destination).expanduser().absolute()
     if path.is_symlink():
-        raise TemplateError(f"destination {str(path)!r} is a symbolic link (to {os.readlink(path)!r}): give a real folder")
+        raise TemplateError(
+            f"destination {str(path)!r} is a symbolic link (to {os.readlink(path)!r}): give a real folder"
+        )
     if path.exists():
         if not path.is_dir():
             raise TemplateError(f"destination {str(path)!r} exists and is not a folder; pick a new one")
@@ -338,6 +354,8 @@ def _render_into(template: Template, context: Mapping[str, str], destination: Pa
     try:
         project.mkdir()
         for source in sorted(root.rglob("*")):
+            if "__pycache__" in source.parts:  # left by running a template's tests in place
+                continue
             target = project / _render_path(source.relative_to(root), context)
             if source.is_dir():
                 target.mkdir(parents=True, exist_ok=True)

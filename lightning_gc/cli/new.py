@@ -47,6 +47,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"lightning-gc new: error: {err}", file=sys.stderr)
         return 2
     print(f"Created {project}")
-    print(f"Its pyproject.toml requires {requirement.spec!r} (from {requirement.origin}); README.md says how to change it.")
+    print(
+        f"Its pyproject.toml requires {requirement.spec!r} (from {requirement.origin}); README.md says how to change it."
+    )
     print(f"Next: cd {project} and follow README.md's set-up section")
     return 0
