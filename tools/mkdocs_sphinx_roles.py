@@ -29,7 +29,7 @@ class SphinxRoles(griffe.Extension):
             if obj.docstring is not None:
                 text = EXAMPLE_HEADING.sub(r"\1Examples:", obj.docstring.value)
                 text = _split_shared_arguments(text)
-                obj.docstring.value = ROLE.sub(lambda m: _link(pkg, obj, m), text)
+                obj.docstring.value = ROLE.sub(lambda m, obj=obj: _link(pkg, obj, m), text)
 
 
 def _split_shared_arguments(text: str) -> str:

@@ -48,7 +48,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         "digits-cnn",
         *(
-            pytest.param(name, marks=pytest.mark.skipif(not ALL, reason="LIGHTNING_GC_FRESH_VENV_TEMPLATES=all runs it"))
+            pytest.param(
+                name, marks=pytest.mark.skipif(not ALL, reason="LIGHTNING_GC_FRESH_VENV_TEMPLATES=all runs it")
+            )
             for name in ("sentiment-rnn", "radiology-anomaly")
         ),
     ],
