@@ -1,4 +1,4 @@
-"""The lightning-gc command: `new` renders a template project, `compare` runs baseline vs GC."""
+"""The lightning-gc command: "new" renders a template project, "compare" trains baseline and GC side by side."""
 
 from __future__ import annotations
 
