@@ -167,17 +167,18 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     # The dependencies come from this interpreter's site-packages: a plain path entry, so that the editable
     # install of lightning_gc (a .pth hook there) stays invisible and the wheel's copy is the one imported.
     site = next(env_dir.glob("lib/python*/site-packages"), env_dir / "Lib" / "site-packages")
-    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "cookiecutter").is_dir())
+    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "lightning").is_dir())
     (site / "dependencies.pth").write_text(f"{deps}\n")
-    run = {"cwd": tmp_path, "capture_output": True, "text": True, "check": True}
+    # Without PYTHONPATH (a developer's may point at this tree): the venv's own lightning_gc must be the one imported.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = {"cwd": tmp_path, "capture_output": True, "text": True, "check": True, "env": clean}
     where = subprocess.run(
         [str(bin_dir / "python"), "-c", "import lightning_gc.templating as t; print(t.templates_root())"], **run
     ).stdout.strip()
     assert Path(where) == site / "lightning_gc" / "_templates"
     native = subprocess.run(
         [str(bin_dir / "python"), "-c", "import lightning_gc.native as n; print(n.status())"],
-        env={**os.environ, "LIGHTNING_GC_CACHE_DIR": str(tmp_path / "kernels")},
-        **run,
+        **{**run, "env": {**clean, "LIGHTNING_GC_CACHE_DIR": str(tmp_path / "kernels")}},
     ).stdout
     assert "available=True" in native, native
     listing = subprocess.run([str(bin_dir / "lightning-gc"), "new", "--list"], **run).stdout
