@@ -284,6 +284,8 @@ def check_destination(destination: str | os.PathLike[str]) -> Path:
         if any(path.iterdir()):
             raise TemplateError(f"destination {str(path)!r} exists and is not an empty folder; pick a new one")
     existing = next(p for p in path.parents if p.exists() or p.is_symlink())
+    if existing.is_symlink() and not existing.exists():
+        raise TemplateError(f"cannot create {str(path)!r}: {str(existing)!r} is a broken symbolic link")
     if not existing.is_dir():
         raise TemplateError(f"cannot create {str(path)!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

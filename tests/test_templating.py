@@ -90,6 +90,13 @@ def test_destination_that_is_a_dangling_symlink(tmp_path: Path) -> None:
         render("digits-cnn", tmp_path / "link")
 
 
+def test_destination_under_a_broken_symlink(tmp_path: Path) -> None:
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(TemplateError, match="is a broken symbolic link"):
+        render("digits-cnn", tmp_path / "gone" / "proj")
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_destination_that_exists(tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
