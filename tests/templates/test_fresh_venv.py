@@ -19,8 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH = "torch==2.13.0"
-# One template by default (digits-cnn: 5 minutes measured on 2 busy cores, 40 project tests in 37 s); all with
-# LIGHTNING_GC_FRESH_VENV_TEMPLATES=all (sentiment-rnn and radiology-anomaly add 2-4 minutes each).
+# One template by default, all three with LIGHTNING_GC_FRESH_VENV_TEMPLATES=all. Measured on 2 busy cores, mostly
+# pip: digits-cnn 3-5 min, sentiment-rnn 6.3 min, radiology-anomaly 3 min.
 ALL = os.environ.get("LIGHTNING_GC_FRESH_VENV_TEMPLATES") == "all"
 
 
