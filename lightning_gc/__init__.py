@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the names of _EXPORTS, for type checkers and IDEs
     from lightning_gc.selection import select as select
     from lightning_gc.selection_report import SelectionReport as SelectionReport
     from lightning_gc.selection_report import describe as describe
+    from lightning_gc.update import centralize_updates as centralize_updates
 
 # Imported on first use (PEP 562): the `lightning-gc` command (e.g. `new --list`) then starts without
 # importing torch and Lightning, which takes seconds.
@@ -35,6 +36,7 @@ _EXPORTS = {
     "SelectionReport": "lightning_gc.selection_report",
     "UnsupportedGradientLayoutError": "lightning_gc.errors",
     "centralize_gradients": "lightning_gc.functional",
+    "centralize_updates": "lightning_gc.update",
     "describe": "lightning_gc.selection_report",
     "register_layout": "lightning_gc.layouts",
     "select": "lightning_gc.selection",

@@ -19,6 +19,7 @@ from lightning_gc.plan_cache import PlanCache
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, Selection
 from lightning_gc.selection_report import SelectionReport
 from lightning_gc.sharding import AppliesGC, LayoutAdapter, adapter_for, warn_if_compile_unused
+from lightning_gc.update import UpdateHooks, check_strategy
 
 Report = Literal["summary", "table", "none"]
 REPORTS: tuple[str, ...] = ("summary", "table", "none")
@@ -50,8 +51,12 @@ class GradientCentralization(Callback):
             fails, one warning and the eager routes take over. Off by default, and meant for GPUs: on CPU the
             built-in fused kernel (:mod:`lightning_gc.native`, used without asking) is faster and compiles in
             a fraction of a second; with ``compile`` set, the compiled route takes precedence.
-        apply_to: ``"gradient"`` (the paper: centralize ``g`` before the optimizer) or ``"update"``
-            (centralize the optimizer's update instead; see :func:`lightning_gc.centralize_updates`).
+        apply_to: ``"gradient"`` (the paper: centralize ``g`` before the optimizer) or ``"update"``: after each
+            optimizer step every selected weight becomes ``w_before + GC(w_after - w_before)``, the whole change
+            (momentum, adaptive scaling, weight decay) centralized, so every unit's mean stays fixed for any
+            optimizer; the authors' placement for adaptive optimizers (see :func:`lightning_gc.centralize_updates`).
+            Through the optimizer's step hooks, registered at fit start and removed at teardown; DeepSpeed is
+            refused at ``setup``; no ``gc/*`` diagnostics are logged.
         layouts: extra layer layouts, registered for every selection (see
             :func:`lightning_gc.register_layout`): mappings ``{"layer": "pkg.module.Class", "param": "weight",
             "out_dims": [1]}`` (also ``groups_attr``, ``reason``; ``out_dims: null`` leaves the parameter
@@ -111,6 +116,7 @@ class GradientCentralization(Callback):
         self._plans = PlanCache()
         self._adapter: LayoutAdapter | None = None
         self._reported = False
+        self._update = UpdateHooks(self.config) if self.config.apply_to == "update" else None
 
     @property
     def plans(self) -> list[AppliesGC]:
@@ -122,11 +128,15 @@ class GradientCentralization(Callback):
         return self._generate_state_key(config=self.config.key())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._update is not None:
+            check_strategy(trainer.strategy)
         self._adapter = adapter_for(trainer.strategy)
         self._plans.clear()
         warn_if_compile_unused(self.config, self._adapter, rank_zero_warn)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._update is not None:  # the update placement runs in the optimizers' own step hooks
+            self._update.attach(trainer.optimizers, pl_module, rank_zero_warn, getattr(trainer.strategy, "model", None))
         if self.report == "none" or self._reported:
             return
         self._reported = True
@@ -146,9 +156,16 @@ class GradientCentralization(Callback):
             rank_zero_debug(report.table())
         _log_text(trainer, "gc/selection", report.markdown())
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._update is not None:
+            self.optimizer_steps += self._update.steps
+            self._update.detach()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if self._update is not None:
+            return
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in some call paths
         plan = self._plan_for(optimizer, pl_module, trainer)
         log = self.log_diagnostics and bool(trainer.loggers) and trainer._logger_connector.should_update_logs

@@ -8,12 +8,18 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from lightning_gc.selection import Target
+
+class _NamedParameter(Protocol):  # a selection.Target, without importing that higher layer
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def param(self) -> Tensor: ...
 
 
 class UnsupportedGradientLayoutError(RuntimeError):
@@ -25,7 +31,7 @@ class UnsupportedGradientLayoutError(RuntimeError):
     """
 
 
-def check_dense_gradient(target: Target, grad: Tensor, strategy_name: str = "") -> None:
+def check_dense_gradient(target: _NamedParameter, grad: Tensor, strategy_name: str = "") -> None:
     """Raise unless ``grad`` is a plain tensor of ``target.param``'s logical shape: the guard of the dense routes.
 
     Raises:
