@@ -63,13 +63,30 @@ def _walk(obj: griffe.Object) -> Any:
 def _link(pkg: griffe.Module, obj: griffe.Object, match: re.Match[str]) -> str:
     role, short, target, call = match.groups()
     title = (target.rsplit(".", 1)[-1] if short else target) + (call or "")
-    if target.split(".", 1)[0] != pkg.name and _resolve(pkg, obj, target.split(".", 1)[0]) is None:
-        return f"`{title}`"  # another library's name (pathlib.Path, torch.Tensor): shown as code
     path = _resolve(pkg, obj, target)
+    if path is None and _is_other_library(pkg, obj, target):
+        return f"`{title}`"  # another library's name (pathlib.Path, torch.Tensor): shown as code
     if path is None:
         griffe.logger.warning(f"{obj.path}: the docstring's :{role}:`{target}` names nothing in {pkg.name}")
         return f"`{title}`"
     return f'<autoref identifier="{path}" optional><code>{title}</code></autoref>'
+
+
+def _is_other_library(pkg: griffe.Module, obj: griffe.Object, target: str) -> bool:
+    """``target`` names something outside ``pkg``: its first part is another importable top-level module
+    (``tensorboard.backend...``, even where ``tensorboard`` is also one of pkg's submodules), or its first part
+    is not found among pkg's names at all (``pathlib.Path``). A bare name is always taken as pkg's own."""
+    import importlib.util
+
+    head = target.split(".", 1)[0]
+    if head == pkg.name or "." not in target:  # a bare name is the package's own (a typo must not pass)
+        return False
+    try:
+        if importlib.util.find_spec(head) is not None:
+            return True
+    except (ImportError, ValueError):
+        pass
+    return _resolve(pkg, obj, head) is None
 
 
 def _resolve(pkg: griffe.Module, obj: griffe.Object, target: str) -> str | None:
@@ -86,6 +103,10 @@ def _resolve(pkg: griffe.Module, obj: griffe.Object, target: str) -> str | None:
         found = _canonical(pkg, candidate)
         if found is not None:
             return found
+    if "." not in target:  # a bare name defined once anywhere in the package (Sphinx finds those too)
+        matches = [o.path for o in _walk(pkg) if o.name == target]
+        if len(matches) == 1:
+            return str(matches[0])
     return None
 
 
