@@ -15,6 +15,10 @@ from {{ cookiecutter.package_name }} import DigitsCNN, DigitsDataModule
 
 # The digits are tensors in memory: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# The same filters in every template (pyproject.toml's pytest ones too): Lightning's notes about its own use of
+# its dependencies, not this project's.
+warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+warnings.filterwarnings("ignore", ".*The .srun. command is available on your system.*")
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

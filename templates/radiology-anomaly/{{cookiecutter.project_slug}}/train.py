@@ -16,6 +16,10 @@ from {{ cookiecutter.package_name }} import AnomalyDetector, RadiologyDataModule
 
 # The images are tensors in memory: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# The same filters in every template (pyproject.toml's pytest ones too): Lightning's notes about its own use of
+# its dependencies, not this project's.
+warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+warnings.filterwarnings("ignore", ".*The .srun. command is available on your system.*")
 
 
 def trains_on_normal_only(variant: str) -> bool:

@@ -12,6 +12,11 @@ from {{ cookiecutter.package_name }}.data import SentimentDataModule
 from {{ cookiecutter.package_name }}.model import SentimentRNN
 from {{ cookiecutter.package_name }}.predictions import PrintPredictions
 
+# The same filters in every template (pyproject.toml's pytest ones too): Lightning's notes about its own use of
+# its dependencies, not this project's.
+warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+warnings.filterwarnings("ignore", ".*The .srun. command is available on your system.*")
+
 
 class SentimentCLI(LightningCLI):
     """LightningCLI whose ``predict`` prints one ``label<TAB>probability<TAB>review`` line per review.
