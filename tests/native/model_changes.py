@@ -153,7 +153,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--changes", type=int, default=30)
+    parser.add_argument(
+        "--float64-rtol", type=float, default=TOLERANCE[torch.float64]["rtol"],
+        help="tolerance for float64 gradients (float32 accumulation: 1e-5)",
+    )  # fmt: skip
     args = parser.parse_args()
+    TOLERANCE[torch.float64] = {"rtol": args.float64_rtol, "atol": args.float64_rtol}
     Driver(args.seed).run(args.changes)
     print("ok")
     return 0
