@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from lightning_gc.centralize import Mode
 from lightning_gc.config import GCConfig
-from lightning_gc.diagnostics import GCStats
+from lightning_gc.diagnostics import DiagnosticsWriter, GCStats
 from lightning_gc.plan import plan_signature
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES
 from lightning_gc.sharding import AppliesGC, LayoutAdapter, adapter_for
@@ -137,8 +137,10 @@ class GradientCentralization(Callback):
         if len(trainer.optimizers) > 1:
             index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
             prefix = f"gc/optimizer{index}/"
-        for name, value in stats.metrics(prefix).items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        writer = self.__dict__.get("_diagnostics")
+        if writer is None:
+            writer = self.__dict__["_diagnostics"] = DiagnosticsWriter()
+        writer.write(trainer, stats, prefix)
 
 
 def _grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
