@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import pytest
-import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import Logger
 from models import GradRecorder, TinyModule, loader, make_batches, trainer
@@ -37,7 +36,9 @@ class RecordingLogger(Logger):
 
 
 def gc_calls(logger: RecordingLogger) -> list[tuple[int | None, dict[str, float]]]:
-    return [(s, {k: v for k, v in m.items() if k.startswith("gc/")}) for s, m in logger.calls if any("gc/" in k for k in m)]
+    return [
+        (s, {k: v for k, v in m.items() if k.startswith("gc/")}) for s, m in logger.calls if any("gc/" in k for k in m)
+    ]
 
 
 def test_diagnostics_bypass_lightning_module_log(monkeypatch):
