@@ -113,6 +113,7 @@ class NativeRoute:
         self._shape: list[torch.Size | None] = [None] * n
         self._stride: list[tuple[int, ...] | None] = [None] * n
         self._bytes = [0] * n  # bytes from the first entry to one past the last
+        self._element_size = [0] * n
         for j, (_, g) in enumerate(picked):
             self._plan_job(j, *g)
 
@@ -126,8 +127,8 @@ class NativeRoute:
         """
         declined, live = [], []
         pointers = [0] * len(self.indices)
-        expected = zip(self.indices, self._dtype, self._shape, self._stride, self._bytes)
-        for j, (i, dtype, shape, stride, span) in enumerate(expected):
+        expected = zip(self.indices, self._dtype, self._shape, self._stride, self._bytes, self._element_size)
+        for j, (i, dtype, shape, stride, span, size) in enumerate(expected):
             grad = grads[i]
             if grad is None:
                 continue
@@ -138,7 +139,7 @@ class NativeRoute:
                 and type(grad) is Tensor
                 and grad.is_cpu
                 and not grad.requires_grad
-                and grad.storage_offset() * grad.element_size() + span <= grad.untyped_storage().nbytes()
+                and grad.storage_offset() * size + span <= grad.untyped_storage().nbytes()
             ) or self._replan(j, grad):
                 pointers[j] = grad.data_ptr()
                 live.append(grad)
@@ -184,7 +185,8 @@ class NativeRoute:
         self._rows[j], self._cols[j], self._row_strides[j] = layout
         self._dtypes[j] = DTYPE_CODES[dtype]
         self._dtype[j], self._shape[j], self._stride[j] = dtype, torch.Size(shape), tuple(stride)
-        self._bytes[j] = storage_span(shape, stride) * _element_size(dtype)
+        self._element_size[j] = _element_size(dtype)
+        self._bytes[j] = storage_span(shape, stride) * self._element_size[j]
         return True
 
     def _replan(self, j: int, grad: Tensor) -> bool:
