@@ -93,6 +93,12 @@ class DiagnosticsWriter:
             out[f"{prefix}centralized_elements"] = float(stats.elements)
         norm, ratio = stats.grad_norm, stats.removed_norm_ratio
         if norm is not None and ratio is not None:
+            if _capturing(norm.device):
+                raise RuntimeError(
+                    "GradientCentralization(log_diagnostics=True) cannot log inside a CUDA graph capture: reading the"
+                    " norms needs a host synchronisation, which capture forbids. Pass log_diagnostics=False (or"
+                    " compute_stats=False) for captured steps; GC itself is captured and replayed."
+                )
             # the step's one host synchronisation, for both values
             norm_value, ratio_value = torch.stack([norm.float(), ratio.float()]).tolist()
             out[f"{prefix}grad_norm"] = norm_value
@@ -110,3 +116,8 @@ class DiagnosticsWriter:
             logger.log_metrics(metrics, step=step)
         trainer._logger_connector._logged_metrics.update(metrics)  # type: ignore[arg-type]  # floats, as after convert_tensors_to_scalars
         return metrics
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (never on CPU-only builds)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

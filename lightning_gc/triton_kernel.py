@@ -160,6 +160,7 @@ class TritonRoute:
         for j, p in enumerate(self.params):
             by_key.setdefault((p.dtype, p.device), []).append(j)
         self._groups: list[_Group] = []
+        self._uploaded: tuple[list[int], list[int], float] | None = None
         self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for (dtype, device), jobs in by_key.items():
             self._groups.append(_Group(jobs, [picked[j][1] for j in jobs], dtype, device))
@@ -191,11 +192,19 @@ class TritonRoute:
             return declined
         kernel = _kernel()
         decayed = any(self.decay)
-        for addresses, weights, coefficients, _ in self._tables.values():
-            addresses.copy_(torch.tensor(pointers, dtype=torch.int64), non_blocking=True)
-            if decayed:
-                weights.copy_(torch.tensor(weight_pointers, dtype=torch.int64), non_blocking=True)
-                coefficients.copy_(torch.tensor([d * grad_scale for d in self.decay], dtype=torch.float64))
+        uploaded = (pointers, weight_pointers, grad_scale)
+        if uploaded != self._uploaded:  # static gradients (zero_grad(set_to_none=False)) keep their addresses
+            if any(_capturing(device) for device in self._tables):
+                raise RuntimeError(
+                    "GC's Triton route saw new gradient addresses inside a CUDA graph capture: a captured step needs"
+                    " static gradients (zero_grad(set_to_none=False)) and one GC call on them before capture."
+                )
+            for addresses, weights, coefficients, _ in self._tables.values():
+                addresses.copy_(torch.tensor(pointers, dtype=torch.int64), non_blocking=True)
+                if decayed:
+                    weights.copy_(torch.tensor(weight_pointers, dtype=torch.int64), non_blocking=True)
+                    coefficients.copy_(torch.tensor([d * grad_scale for d in self.decay], dtype=torch.float64))
+            self._uploaded = uploaded
         for group in self._groups:
             addresses, weights, coefficients, cols = self._tables[self._device[group.jobs[0]]]
             if not any(pointers[j] for j in group.jobs):
@@ -226,6 +235,10 @@ class TritonRoute:
             and not tensor.is_neg()
             and tensor.storage_offset() * tensor.element_size() + self._bytes[j] <= tensor.untyped_storage().nbytes()
         )
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def triton_route(units: Sequence[Unit]) -> TritonRoute | None:
