@@ -26,7 +26,7 @@ DEEPSPEED ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo bench tensorboard clean
+.PHONY: setup test test-fast lint demo bench gpu-check tensorboard clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_gc.py $(BENCH_ARGS)
+
+# On a CUDA machine (make setup TORCH="torch==... --index-url <CUDA index>"): every GPU-only check and the
+# GPU benchmark tables in one run of a few minutes; without CUDA it says so and exits with status 2.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 demo: setup
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/lightning-gc compare digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) \
