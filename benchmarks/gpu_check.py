@@ -37,8 +37,7 @@ from measure import Clock, interleaved_medians, kernel_launches, paired_ratio
 from param_sets import PARAM_SETS, ParameterSet
 
 from lightning_gc import centralize_gradients
-from lightning_gc.plan import GCPlan
-from lightning_gc.selection import Selector
+from lightning_gc.plan import GCPlan, dense_plan
 from lightning_gc.triton_kernel import TritonRoute
 
 TOLERANCE = {
@@ -142,7 +141,7 @@ def offset_grads(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torc
 
 
 def triton_route_for(model: nn.Module, devices: tuple[str, ...]) -> tuple[GCPlan, TritonRoute]:
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     return plan, TritonRoute(plan._executor.units, devices)
 
 
@@ -278,7 +277,7 @@ def triton_table(rounds: int) -> str:
         for dtype in (torch.float32, torch.bfloat16):
             model = ParameterSet(PARAM_SETS[name](), dtype, device)
             grads = model.centralized_grads()
-            plan = GCPlan.for_module(model, Selector(), "channel")
+            plan = dense_plan(model)
             route = TritonRoute(plan._executor.units, ("cuda",))
             all_grads = [u.param.grad for u in plan._executor.units]
             copies = [torch.empty_like(g) for g in grads]

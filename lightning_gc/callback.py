@@ -1,23 +1,27 @@
-"""The Lightning glue: apply a :class:`~lightning_gc.plan.GCPlan` in ``on_before_optimizer_step``."""
+"""The Lightning glue: a cached plan per optimizer, applied in ``on_before_optimizer_step``."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_debug, rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_gc.centralize import Mode
-from lightning_gc.config import GCConfig
+from lightning_gc.config import ApplyTo, GCConfig, check_bool
 from lightning_gc.diagnostics import DiagnosticsWriter, GCStats
-from lightning_gc.plan import plan_signature
-from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES
-from lightning_gc.sharding import AppliesGC, LayoutAdapter, adapter_for
-from lightning_gc.sharding.dense import DenseAdapter
+from lightning_gc.layouts import REGISTRY, LayerLayout, Mode, layouts_from_specs
+from lightning_gc.plan_cache import PlanCache
+from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, Selection
+from lightning_gc.selection_report import SelectionReport
+from lightning_gc.sharding import AppliesGC, LayoutAdapter, adapter_for, warn_if_compile_unused
+
+Report = Literal["summary", "table", "none"]
+REPORTS: tuple[str, ...] = ("summary", "table", "none")
 
 
 class GradientCentralization(Callback):
@@ -46,6 +50,15 @@ class GradientCentralization(Callback):
             fails, one warning and the eager routes take over. Off by default, and meant for GPUs: on CPU the
             built-in fused kernel (:mod:`lightning_gc.native`, used without asking) is faster and compiles in
             a fraction of a second; with ``compile`` set, the compiled route takes precedence.
+        apply_to: ``"gradient"`` (the paper: centralize ``g`` before the optimizer) or ``"update"``
+            (centralize the optimizer's update instead; see :func:`lightning_gc.centralize_updates`).
+        layouts: extra layer layouts, registered for every selection (see
+            :func:`lightning_gc.register_layout`): mappings ``{"layer": "pkg.module.Class", "param": "weight",
+            "out_dims": [1]}`` (also ``groups_attr``, ``reason``; ``out_dims: null`` leaves the parameter
+            alone), so a LightningCLI config can say how its own layers store their weights.
+        report: at fit start, on rank zero, log the selection ``"summary"`` (counts per decision; the full
+            table at debug level), the full ``"table"``, or ``"none"``. With a ``TensorBoardLogger`` the
+            table is also logged as text (``gc/selection``).
 
     Raises:
         ValueError: for an invalid option, naming it and the accepted values.
@@ -69,25 +82,40 @@ class GradientCentralization(Callback):
         conv_only: bool = False,
         mode: Mode = "channel",
         centralize_weight_decay: bool = False,
-        exclude: Sequence[str] = (),
+        exclude: Sequence[str] | str = (),
         exclude_modules: Sequence[str | type] = DEFAULT_EXCLUDED_MODULES,
         log_diagnostics: bool = True,
         compile: bool | str = False,
+        apply_to: ApplyTo = "gradient",
+        layouts: Sequence[Mapping[str, Any] | LayerLayout] = (),
+        report: Report = "summary",
     ) -> None:
-        if not isinstance(log_diagnostics, bool):
-            raise ValueError(f"`log_diagnostics` must be True or False, got {log_diagnostics!r}")
+        check_bool(log_diagnostics, "log_diagnostics")
+        if report not in REPORTS:
+            raise ValueError(f"`report` must be one of {REPORTS}, got {report!r}")
         self.config = GCConfig(
             conv_only=conv_only,
             mode=mode,
             centralize_weight_decay=centralize_weight_decay,
-            exclude=tuple(exclude) if not isinstance(exclude, str) else (exclude,),
-            exclude_modules=tuple(exclude_modules) if not isinstance(exclude_modules, str) else exclude_modules,
+            exclude=exclude,  # type: ignore[arg-type]  # GCConfig validates and normalizes
+            exclude_modules=exclude_modules,  # type: ignore[arg-type]
             compile=compile,
+            apply_to=apply_to,
         )
+        self.layouts = layouts_from_specs(layouts)
+        for entry in self.layouts:
+            REGISTRY.add(entry)
         self.log_diagnostics = log_diagnostics
+        self.report = report
         self.optimizer_steps = 0
-        self._plans: dict[int, tuple[Hashable, AppliesGC]] = {}
+        self._plans = PlanCache()
         self._adapter: LayoutAdapter | None = None
+        self._reported = False
+
+    @property
+    def plans(self) -> list[AppliesGC]:
+        """The plans in use, one per optimizer (and module) seen since ``setup``."""
+        return self._plans.plans()
 
     @property
     def state_key(self) -> str:
@@ -96,12 +124,27 @@ class GradientCentralization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._adapter = adapter_for(trainer.strategy)
         self._plans.clear()
-        if self.config.compile is not False and not isinstance(self._adapter, DenseAdapter):
-            rank_zero_warn(
-                f"GradientCentralization(compile={self.config.compile!r}) has no effect under"
-                f" {type(trainer.strategy).__name__}: the compiled route is for dense gradients; sharded"
-                " gradients take their own exact routes."
-            )
+        warn_if_compile_unused(self.config, self._adapter, rank_zero_warn)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.report == "none" or self._reported:
+            return
+        self._reported = True
+        choices, unmatched_patterns, unmatched_modules = [], set(), set()
+        for optimizer in trainer.optimizers:
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            selection: Selection | None = getattr(self._plan_for(optimizer, pl_module, trainer), "selection", None)
+            if selection is not None:
+                choices += selection.choices
+                unmatched_patterns.update(selection.unmatched_patterns)
+                unmatched_modules.update(selection.unmatched_modules)
+        report = SelectionReport(tuple(choices), tuple(sorted(unmatched_patterns)), tuple(sorted(unmatched_modules)))
+        if self.report == "table":
+            rank_zero_info(str(report))
+        else:
+            rank_zero_info(report.summary())
+            rank_zero_debug(report.table())
+        _log_text(trainer, "gc/selection", report.markdown())
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -125,12 +168,7 @@ class GradientCentralization(Callback):
     def _plan_for(self, optimizer: Optimizer, module: nn.Module, trainer: pl.Trainer) -> AppliesGC:
         if self._adapter is None:  # hook called without `setup`, e.g. a hand-driven loop
             self._adapter = adapter_for(trainer.strategy)
-        signature = plan_signature(optimizer)
-        cached = self._plans.get(id(optimizer))
-        if cached is None or cached[0] != signature:
-            plan = self._adapter.build_plan(optimizer, module, self.config, rank_zero_warn)
-            cached = self._plans[id(optimizer)] = (signature, plan)
-        return cached[1]
+        return self._plans.plan(self._adapter, self.config, module, optimizer, rank_zero_warn)
 
     def _log(self, pl_module: pl.LightningModule, trainer: pl.Trainer, optimizer: Optimizer, stats: GCStats) -> None:
         prefix = "gc/"
@@ -141,6 +179,15 @@ class GradientCentralization(Callback):
         if writer is None:
             writer = self.__dict__["_diagnostics"] = DiagnosticsWriter()
         writer.write(trainer, stats, prefix)
+
+
+def _log_text(trainer: pl.Trainer, tag: str, text: str) -> None:
+    """``text`` to every TensorBoard logger (Lightning hands other ranks a no-op experiment)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(tag, text, global_step=trainer.global_step)
 
 
 def _grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:

@@ -1,9 +1,16 @@
-"""The math of Gradient Centralization on dense tensors.
+"""The subtraction at the heart of Gradient Centralization, on dense tensors: this is where the mean goes.
 
 For a weight gradient ``g`` GC subtracts, from every output unit's slice of ``g``, that slice's mean
-(Yong et al., ECCV 2020): ``g <- g - g.mean(dim=reduce_dims, keepdim=True)``. Everything here works in
-place on plain (dense, strided) tensors; which tensors, and along which dims, is decided in
-:mod:`lightning_gc.selection`, and sharded gradient layouts are handled in :mod:`lightning_gc.sharding`.
+(Yong et al., ECCV 2020): ``g <- g - g.mean(dim=reduce_dims, keepdim=True)``, where an output unit is
+defined by :class:`lightning_gc.layouts.RowLayout`. :func:`centralize_` and :func:`row_mean` are the
+reference implementation; every other route computes the same thing, faster, for many tensors at once:
+
+- the fused C kernel (:mod:`lightning_gc.native`, CPU): each output unit summed and centralized while in cache;
+- the compiled route (:mod:`lightning_gc.compiled`, opt-in): one ``torch.compile``'d kernel per tensor;
+- the stacked route (:mod:`lightning_gc.stacking`): small same-shape gradients a stack at a time;
+- the sharded routes (:mod:`lightning_gc.sharding`): row sums completed across ranks, then subtracted.
+
+:mod:`lightning_gc.executor` picks a route per gradient, once per plan.
 
 Big tensors are processed in blocks of output units: each block's mean is taken and subtracted while the
 block is still in cache, and temporaries never exceed one block. On CPU, ATen materializes a float32 copy
@@ -14,59 +21,17 @@ float32 copy of the tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-Mode = Literal["channel", "tensor"]
-MODES: tuple[str, ...] = ("channel", "tensor")
+from lightning_gc.layouts import DIM0, MODES, Mode, RowLayout
+
+__all__ = ["MODES", "Mode", "accumulation_dtype", "centralize_", "removed_sq_norm", "row_mean"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 DEFAULT_BLOCK_BYTES = 4 << 20
 """Block size for big tensors: per-op overhead stays a few percent of a block's pass, and a block fits in L2/L3."""
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Where the output units of a weight live, so that GC knows what to average over.
-
-    Args:
-        out_dim: the dim that indexes output units (0 for linear, conv and RNN weights; 1 for transposed
-            convolutions, whose weight is ``(in, out // groups, *kernel)``).
-        groups: for a grouped transposed convolution, dim 0 holds ``groups`` blocks of input channels and
-            each output channel only sees its own block; the mean is taken within the block.
-
-    Example:
-        >>> RowLayout(out_dim=1, groups=2).reduce_dims(ndim=4, mode="channel")
-        (1, 3, 4)
-    """
-
-    out_dim: int = 0
-    groups: int = 1
-
-    def reduce_dims(self, ndim: int, mode: Mode) -> tuple[int, ...]:
-        """The dims to average over, for a tensor of ``ndim`` dims viewed through :meth:`view`."""
-        ndim = ndim + (1 if self.groups > 1 else 0)
-        if mode == "tensor":
-            return tuple(range(ndim))
-        keep = {0, self.out_dim + 1} if self.groups > 1 else {self.out_dim}
-        return tuple(d for d in range(ndim) if d not in keep)
-
-    def unit_dim(self, mode: Mode) -> int | None:
-        """A dim of :meth:`view` that indexes output units (blocks are cut along it); ``None`` in tensor mode."""
-        if mode == "tensor":
-            return None
-        return self.out_dim + 1 if self.groups > 1 else self.out_dim
-
-    def view(self, tensor: Tensor) -> Tensor:
-        """``tensor`` itself, or (grouped transposed conv) with dim 0 split into ``(groups, in // groups)``.
-
-        Splitting one dim is always a view, whatever the strides, so in-place work on it reaches ``tensor``.
-        """
-        return tensor.unflatten(0, (self.groups, -1)) if self.groups > 1 else tensor
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,7 +45,7 @@ def needs_scratch(tensor: Tensor) -> bool:
 
 
 def row_mean(
-    tensor: Tensor, layout: RowLayout = RowLayout(), mode: Mode = "channel", *, block_bytes: int = DEFAULT_BLOCK_BYTES
+    tensor: Tensor, layout: RowLayout = DIM0, mode: Mode = "channel", *, block_bytes: int = DEFAULT_BLOCK_BYTES
 ) -> Tensor:
     """Mean of ``tensor`` over everything but its output units, keepdims, on :meth:`RowLayout.view`.
 
@@ -104,7 +69,7 @@ def row_mean(
 
 
 def centralize_(
-    tensor: Tensor, layout: RowLayout = RowLayout(), mode: Mode = "channel", *, block_bytes: int = DEFAULT_BLOCK_BYTES
+    tensor: Tensor, layout: RowLayout = DIM0, mode: Mode = "channel", *, block_bytes: int = DEFAULT_BLOCK_BYTES
 ) -> Tensor:
     """Centralize ``tensor`` in place and return the (keepdim) mean that was removed.
 
@@ -166,8 +131,9 @@ def centralize_view_(
     if per_block >= size:
         return _centralize_block_(viewed, dims, None, scratch, weight, coefficient)
     mean = viewed.new_empty(_keepdim_shape(viewed, dims), dtype=accumulation_dtype(viewed.dtype))
-    weights = weight.split(per_block, unit_dim) if weight is not None else None
-    for index, (block, out) in enumerate(zip(viewed.split(per_block, unit_dim), mean.split(per_block, unit_dim))):
+    weights = torch.split(weight, per_block, unit_dim) if weight is not None else None
+    blocks = zip(torch.split(viewed, per_block, unit_dim), torch.split(mean, per_block, unit_dim))
+    for index, (block, out) in enumerate(blocks):
         _centralize_block_(block, dims, out, scratch, weights[index] if weights is not None else None, coefficient)
     return mean
 
@@ -176,8 +142,10 @@ def removed_sq_norm(mean: Tensor, numel: int) -> Tensor:
     """Squared L2 norm of what :func:`centralize_` removed, from its returned mean alone.
 
     The removed part is ``mean`` broadcast over ``numel // mean.numel()`` entries per unit, so no pass over
-    the gradient is needed.
+    the gradient is needed. An empty mean (a shard holding no output unit) removed nothing.
     """
+    if mean.numel() == 0:
+        return mean.new_zeros((), dtype=torch.promote_types(mean.dtype, torch.float32))
     return mean.to(torch.promote_types(mean.dtype, torch.float32)).square().sum() * (numel // mean.numel())
 
 
@@ -269,7 +237,7 @@ def _slices(tensor: Tensor, dims: tuple[int, ...], block_elements: int) -> tuple
     """``tensor`` cut along its longest reduced dim into slices of at most ``block_elements`` entries."""
     dim = max(dims, key=lambda d: tensor.shape[d])
     per = max(1, block_elements // max(1, tensor.numel() // max(1, tensor.shape[dim])))
-    return tensor.split(per, dim)
+    return torch.split(tensor, per, dim)
 
 
 def _blocked_mean(viewed: Tensor, dims: tuple[int, ...], unit_dim: int | None, scratch: Tensor) -> Tensor:
@@ -278,7 +246,7 @@ def _blocked_mean(viewed: Tensor, dims: tuple[int, ...], unit_dim: int | None, s
     size = viewed.shape[unit_dim]
     per_block = max(1, scratch.numel() // max(1, viewed.numel() // max(1, size)))
     mean = torch.empty(_keepdim_shape(viewed, dims), dtype=torch.float32)
-    for block, out in zip(viewed.split(per_block, unit_dim), mean.split(per_block, unit_dim)):
+    for block, out in zip(torch.split(viewed, per_block, unit_dim), torch.split(mean, per_block, unit_dim)):
         if block.numel() > scratch.numel():
             out.copy_(_sliced_mean(block, dims, scratch))
         else:

@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gc.centralize import removed_sq_norm
+from lightning_gc.errors import warn as warn_user
+
 Spec = tuple[tuple[int, ...], int]
 """Per tensor: the dims to average over (on the grouped view) and the transposed-conv ``groups``."""
 
@@ -31,11 +34,11 @@ def centralize_all_(grads: list[Tensor], specs: tuple[Spec, ...]) -> Tensor:
     """
     removed = []
     for grad, (dims, groups) in zip(grads, specs):
-        viewed = grad.unflatten(0, (groups, -1)) if groups > 1 else grad
+        viewed = torch.unflatten(grad, 0, (groups, -1)) if groups > 1 else grad
         values = viewed.float() if viewed.dtype in (torch.float16, torch.bfloat16) else viewed
         mean = values.mean(dim=dims, keepdim=True)
         viewed.copy_(values - mean)
-        removed.append(mean.float().square().sum() * (values.numel() // mean.numel()))
+        removed.append(removed_sq_norm(mean, values.numel()))
     return torch.stack(removed).sum()
 
 
@@ -50,7 +53,9 @@ class CompiledCentralizer:
             eagerly, with float32 copies of half-precision gradients.
     """
 
-    def __init__(self, warn: Callable[[str], None] = print, backend: str = "inductor", max_variants: int = 2) -> None:
+    def __init__(
+        self, warn: Callable[[str], None] = warn_user, backend: str = "inductor", max_variants: int = 2
+    ) -> None:
         self._warn = warn
         self.backend = backend
         self.max_variants = max_variants
@@ -71,7 +76,8 @@ class CompiledCentralizer:
             if self._fn is None:
                 fn = _own_copy(centralize_all_)
                 self._fn = torch.compile(fn, backend=self.backend, fullgraph=True, dynamic=False)
-            return self._fn(grads, specs)
+            result: Tensor = self._fn(grads, specs)
+            return result
         except Exception as error:
             # Compilation happens before the graph runs, so the gradients are untouched here.
             self.unavailable = True
@@ -80,6 +86,24 @@ class CompiledCentralizer:
                 f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
             )
             return None
+
+
+def compile_backend(compile: bool | str) -> str:
+    """The ``torch.compile`` backend that ``compile=`` names: ``"inductor"`` for ``True``.
+
+    Raises:
+        ValueError: for anything but ``True`` or a registered backend name.
+
+    Example:
+        >>> compile_backend(True)
+        'inductor'
+    """
+    if compile is True:
+        return "inductor"
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if isinstance(compile, str) and compile in backends:
+        return compile
+    raise ValueError(f"`compile` must be True, False or a torch.compile backend name {backends}, got {compile!r}")
 
 
 def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:

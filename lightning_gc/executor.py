@@ -8,6 +8,8 @@ Four routes, all exact (float32 accumulation for half precision, one rounding):
   a handful of operator calls per stack instead of two per tensor;
 - singles: every other gradient on its own, big ones a cache-sized block of output units at a time, half
   precision on CPU through a bounded float32 scratch buffer (:func:`~lightning_gc.centralize.centralize_view_`);
+- triton (opt-in on CUDA, ``LIGHTNING_GC_TRITON=1``): one launch per dtype for every gradient whose output
+  units are contiguous rows (:mod:`lightning_gc.triton_kernel`);
 - compiled (opt-in, taking precedence): one ``torch.compile``'d graph for the gradients without
   weight-decay compensation, a fused read-reduce-subtract kernel per tensor (:mod:`lightning_gc.compiled`).
 
@@ -19,24 +21,20 @@ plus one mean per output unit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightning_gc.centralize import (
-    DEFAULT_BLOCK_BYTES,
-    accumulation_dtype,
-    centralize_view_,
-    needs_scratch,
-    removed_sq_norm,
-)
-from lightning_gc.compiled import CompiledCentralizer
+from lightning_gc.centralize import removed_sq_norm
+from lightning_gc.compiled import CompiledCentralizer, compile_backend
+from lightning_gc.errors import warn as warn_user
 from lightning_gc.native import kernel as native_kernel
 from lightning_gc.native.route import NativeRoute
 from lightning_gc.stacking import centralize_stacked_, stack_size
+from lightning_gc.triton_kernel import triton_route
+from lightning_gc.unit import Unit
 
 MIN_BUDGET_BYTES = 32 << 10
 """Floor of the temporary-memory budget, so that tiny models are not processed in slivers."""
@@ -45,51 +43,6 @@ BUDGET_FRACTION = 100
 STACK_MAX_BYTES = 32 << 10
 """Gradients up to this size are stacked with others of their shape; above it a stack's copy costs more
 than the per-call overhead it saves (measured on ResNet-50 shapes, see docs/performance.md)."""
-BLOCK_MIN_BYTES = 32 << 20
-"""Tensors bigger than this (beyond a typical L3) are processed in blocks of ``DEFAULT_BLOCK_BYTES``; smaller
-ones are cache-resident between the two passes anyway and blocking would only add calls."""
-
-
-@dataclass
-class Unit:
-    """One target's plan-time constants (autograd keeps a ``.grad``'s dtype and device those of its parameter)."""
-
-    param: torch.nn.Parameter
-    view: Callable[[Tensor], Tensor]
-    groups: int
-    decay: float
-    numel: int
-    dims: tuple[int, ...]
-    unit_dim: int | None
-    acc: torch.dtype = field(init=False)
-    staged: bool = field(init=False)
-    block_elements: int = field(init=False)
-    direct: bool = field(init=False)
-    output_units: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        shape = self.param.shape  # as RowLayout.view would show it, without viewing (the param may be a DTensor)
-        if self.groups > 1:
-            shape = (self.groups, shape[0] // self.groups, *shape[1:])
-        self.output_units = math.prod(size for d, size in enumerate(shape) if d not in self.dims)
-        self.acc = accumulation_dtype(self.param.dtype)
-        self.staged = needs_scratch(self.param)
-        big = self.numel * self.param.element_size() > BLOCK_MIN_BYTES and self.param.device.type == "cpu"
-        self.block_elements = DEFAULT_BLOCK_BYTES // self.param.element_size() if big else self.numel
-        self.direct = not (self.staged or big or self.decay or self.groups > 1 or self.unit_dim is None)
-
-    def centralize_(self, grad: Tensor, scratch: Tensor | None, grad_scale: float) -> Tensor:
-        """Centralize ``grad`` on its own; return the mean removed."""
-        if self.direct:  # the common case, kept to two operator calls
-            mean = grad.mean(dim=self.dims, keepdim=True, dtype=self.acc)
-            grad.sub_(mean)
-            return mean
-        block_elements = scratch.numel() if scratch is not None and self.staged else self.block_elements
-        weight = self.view(self.param.detach()) if self.decay else None
-        return centralize_view_(
-            self.view(grad), self.dims, self.unit_dim, block_elements, scratch if self.staged else None,
-            weight, self.decay * grad_scale,
-        )  # fmt: skip
 
 
 @dataclass
@@ -98,7 +51,6 @@ class Stack:
 
     indices: list[int]
     dims: tuple[int, ...]
-    numel: int
     per_stack: int
     serial_per_stack: int
 
@@ -116,19 +68,25 @@ class Executor:
         ValueError: for a ``compile`` that is neither a bool nor a known backend name.
     """
 
-    def __init__(self, units: list[Unit], compile: bool | str = False, warn: Callable[[str], None] = print) -> None:
+    def __init__(self, units: list[Unit], compile: bool | str = False, warn: Callable[[str], None] = warn_user) -> None:
         self.units = units
         total = sum(u.numel * u.param.element_size() for u in units)
         # the budget holds the buffers; the means of the biggest tensor (full and per block) come on top
         means = max((8 * u.output_units for u in units), default=0)
         self.budget_bytes = max(MIN_BUDGET_BYTES, total // BUDGET_FRACTION - means)
-        self.compiled = CompiledCentralizer(warn, _backend(compile)) if compile is not False else None
+        self.compiled = CompiledCentralizer(warn, compile_backend(compile)) if compile is not False else None
+        self.triton = triton_route(units)  # opt-in (LIGHTNING_GC_TRITON=1): CUDA gradients, one launch per dtype
+        gpu = set(self.triton.indices) if self.triton is not None else set()
+        # the kernel's rows are indexed by one dim: units with several output dims stay on the eager routes
+        self._kernel_candidates = [i for i, u in enumerate(units) if u.single_unit_dim and i not in gpu]
         fused = native_kernel()
-        self.native = NativeRoute(fused, units) if fused is not None else None
+        self.native = NativeRoute(fused, [units[i] for i in self._kernel_candidates]) if fused is not None else None
         if self.native is not None and not self.native.indices:
             self.native = None
-        native = set(self.native.indices) if self.native is not None else set()
-        eager = [i for i in range(len(units)) if i not in native]
+        if len(self._kernel_candidates) == len(units):
+            self._kernel_candidates = []  # the identity: no remapping on every step
+        native = {self._unit_index(j) for j in self.native.indices} if self.native is not None else set()
+        eager = [i for i in range(len(units)) if i not in native and i not in gpu]
         self.stacks = _stacks(units, eager, self.budget_bytes)
         stacked = {i for s in self.stacks for i in s.indices}
         self.singles = [i for i in eager if i not in stacked]
@@ -140,14 +98,16 @@ class Executor:
         """
         done = self._run_compiled(grads, removed) if self.compiled is not None else set()
         leftovers: list[int] = []
+        if self.triton is not None:
+            leftovers = self.triton.run([None if i in done else g for i, g in enumerate(grads)], grad_scale, removed)
         if self.native is not None:
             pending = [None if i in done else g for i, g in enumerate(grads)] if done else grads
-            leftovers = self.native.run(pending, grad_scale, removed)
+            if self._kernel_candidates:
+                pending = [pending[i] for i in self._kernel_candidates]
+            leftovers = [self._unit_index(j) for j in self.native.run(pending, grad_scale, removed)]
         for stack in self.stacks:
             # autograd refuses a .grad of another dtype than its parameter, so members share the stack's dtype
-            members = [grads[i] for i in stack.indices if i not in done]
-            if any(g is None for g in members):
-                members = [g for g in members if g is not None]
+            members = [g for i in stack.indices if i not in done and (g := grads[i]) is not None]
             if len(members) < 2:
                 leftovers.extend(i for i in stack.indices if grads[i] is not None and i not in done)
                 continue
@@ -165,6 +125,9 @@ class Executor:
             if removed is not None:
                 removed.append(removed_sq_norm(mean, grad.numel()))
 
+    def _unit_index(self, kernel_index: int) -> int:
+        return self._kernel_candidates[kernel_index] if self._kernel_candidates else kernel_index
+
     def _run_compiled(self, grads: list[Tensor | None], removed: list[Tensor] | None) -> set[int]:
         assert self.compiled is not None
         chosen = [i for i, g in enumerate(grads) if g is not None and not self.units[i].decay]
@@ -179,15 +142,9 @@ class Executor:
         return set(chosen)
 
 
-def unit_of(param: torch.nn.Parameter, layout_view: Callable[[Tensor], Tensor], groups: int, decay: float,
-            dims: tuple[int, ...], unit_dim: int | None) -> Unit:  # fmt: skip
-    """A :class:`Unit` for ``param``."""
-    return Unit(param, layout_view, groups, decay, param.numel(), dims, unit_dim)
-
-
 def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list[Stack]:
     """Group the small, undecayed, ungrouped ``candidates`` by (shape, dtype, device, dims)."""
-    keyed: dict[tuple, list[int]] = {}
+    keyed: dict[tuple[torch.Size, torch.dtype, torch.device, tuple[int, ...]], list[int]] = {}
     for index in candidates:
         u = units[index]
         if u.groups == 1 and not u.decay and u.numel * u.param.element_size() <= STACK_MAX_BYTES:
@@ -198,16 +155,5 @@ def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list
         per_stack = stack_size(numel, dtype, budget_bytes)
         serial_per_stack = stack_size(numel, dtype, budget_bytes, serial=True)
         if len(indices) >= 2 and serial_per_stack >= 2:
-            stacks.append(Stack(indices, dims, numel, per_stack, serial_per_stack))
+            stacks.append(Stack(indices, dims, per_stack, serial_per_stack))
     return stacks
-
-
-def _backend(compile: bool | str) -> str:
-    if compile is True:
-        return "inductor"
-    if isinstance(compile, str) and compile in torch._dynamo.list_backends(exclude_tags=()):
-        return compile
-    raise ValueError(
-        f"`compile` must be True, False or a torch.compile backend name"
-        f" {torch._dynamo.list_backends(exclude_tags=())}, got {compile!r}"
-    )

@@ -2,43 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from lightning_gc.centralize import Mode
-from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
-from lightning_gc.executor import Executor, Unit, unit_of
-from lightning_gc.selection import Selector, Target
+from lightning_gc.errors import warn as warn_user
+from lightning_gc.executor import Executor
+from lightning_gc.layouts import Mode
+from lightning_gc.selection import Selection, Target, select
 from lightning_gc.sharding.guard import check_dense_gradient
-from lightning_gc.weight_decay import DecayKind, compensation, decay_kind
+from lightning_gc.unit import Unit
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from lightning_gc.config import GCConfig
 
 Warn = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class PlannedTarget:
-    """A target and the coupled weight-decay coefficient to compensate for (0.0: none)."""
-
-    target: Target
-    decay: float = 0.0
-
-
 class GCPlan:
-    """The gradients GC touches for one optimizer (or one set of parameters), and how.
+    """The dense gradients GC touches for one optimizer (or one set of parameters), and how.
 
-    Build it with :meth:`for_optimizer` or :meth:`for_params`; call :meth:`apply` after every backward.
-    Everything that does not depend on the gradients' values is decided here, once: the dims to average
-    over, the memory budget, and which small gradients of equal shape are stacked together.
+    Build it from the targets of a :func:`~lightning_gc.selection.select`; call :meth:`apply` after every
+    backward. Everything that does not depend on the gradients' values is decided here, once (by the
+    :class:`~lightning_gc.executor.Executor`): the route of each gradient, the dims to average over, the
+    memory budget, and which small gradients of equal shape are stacked together.
+
+    Args:
+        targets: what to centralize (with their layouts and decay coefficients).
+        mode: ``"channel"`` or ``"tensor"``.
+        compile: try the ``torch.compile`` route first (:mod:`lightning_gc.compiled`): ``True`` for
+            Inductor, or a backend name.
+        warn: receives the plan's runtime warnings (sparse gradients, compilation unavailable).
+        strategy_name: named in errors.
+        selection: the selection the targets came from, kept for :func:`~lightning_gc.describe` and warnings.
 
     Example:
+        >>> from torch import nn
+        >>> from lightning_gc.config import GCConfig
+        >>> from lightning_gc.selection import select
         >>> model = nn.Linear(3, 2)
-        >>> plan = GCPlan.for_params(model.parameters(), Selector(), mode="channel")
+        >>> plan = GCPlan(select(model, GCConfig()).targets, "channel")
         >>> model(torch.randn(4, 3)).sum().backward()
         >>> stats = plan.apply()
         >>> bool(model.weight.grad.sum(dim=1).abs().max() < 1e-6)
@@ -47,97 +55,23 @@ class GCPlan:
 
     def __init__(
         self,
-        targets: list[PlannedTarget],
-        mode: Mode,
-        warn: Warn,
-        strategy_name: str = "",
+        targets: list[Target],
+        mode: Mode = "channel",
+        *,
         compile: bool | str = False,
+        warn: Warn = warn_user,
+        strategy_name: str = "",
+        selection: Selection | None = None,
     ) -> None:
         self.targets = targets
         self.mode = mode
+        self.selection = selection
         self._warn = warn
-        self._strategy_name = strategy_name
+        self.strategy_name = strategy_name
         self._sparse_warned = False
-        self._params = [planned.target.param for planned in targets]
+        self._params = [target.param for target in targets]
         self._shapes = [param.shape for param in self._params]
-        self._executor = Executor([_unit(planned, mode) for planned in targets], compile=compile, warn=warn)
-
-    @classmethod
-    def for_config(
-        cls,
-        optimizer: Optimizer,
-        module: nn.Module | None,
-        config: GCConfig,
-        warn: Warn = print,
-        strategy_name: str = "",
-        only: set[int] | None = None,
-    ) -> GCPlan:
-        """:meth:`for_optimizer` with every option taken from a validated :class:`~lightning_gc.config.GCConfig`."""
-        return cls.for_optimizer(
-            optimizer,
-            config.selector(),
-            config.mode,
-            module=module,
-            centralize_weight_decay=config.centralize_weight_decay,
-            warn=warn,
-            strategy_name=strategy_name,
-            only=only,
-            compile=config.compile,
-        )
-
-    @classmethod
-    def for_optimizer(
-        cls,
-        optimizer: Optimizer,
-        selector: Selector,
-        mode: Mode,
-        module: nn.Module | None = None,
-        centralize_weight_decay: bool = False,
-        warn: Warn = print,
-        strategy_name: str = "",
-        only: set[int] | None = None,
-        compile: bool | str = False,
-    ) -> GCPlan:
-        """Plan for the parameters in ``optimizer.param_groups`` (owners looked up in ``module`` if given).
-
-        ``only`` restricts the plan to parameters with these ``id``s. ``compile`` tries the
-        ``torch.compile`` route first (:mod:`lightning_gc.compiled`): ``True`` for Inductor, or a backend name.
-        """
-        planned: list[PlannedTarget] = []
-        for group in optimizer.param_groups:
-            params = [p for p in group["params"] if only is None or id(p) in only]
-            targets = (
-                selector.select_from_module(module, params)
-                if module is not None
-                else selector.select_from_params(params)
-            )
-            decay = _decay_for_group(optimizer, group, warn) if centralize_weight_decay and targets else 0.0
-            planned.extend(PlannedTarget(t, decay) for t in targets)
-        _warn_about_selection(selector, planned, f"{type(optimizer).__name__} optimizer", warn)
-        return cls(planned, mode, warn, strategy_name, compile=compile)
-
-    @classmethod
-    def for_module(
-        cls, module: nn.Module, selector: Selector, mode: Mode, warn: Warn = print, compile: bool | str = False
-    ) -> GCPlan:
-        """Plan for all parameters of ``module``, with module types known."""
-        planned = [PlannedTarget(t) for t in selector.select_from_module(module)]
-        _warn_about_selection(selector, planned, type(module).__name__, warn)
-        return cls(planned, mode, warn, compile=compile)
-
-    @classmethod
-    def for_params(
-        cls,
-        params: Iterable[nn.Parameter],
-        selector: Selector,
-        mode: Mode,
-        warn: Warn = print,
-        compile: bool | str = False,
-    ) -> GCPlan:
-        """Plan for bare parameters: only the dimension rule and ``exclude`` patterns apply."""
-        planned = [PlannedTarget(t) for t in selector.select_from_params(params)]
-        _warn_about_selection(selector, planned, "given parameters", warn)
-        return cls(planned, mode, warn, compile=compile)
+        self._executor = Executor([Unit.of(target, mode) for target in targets], compile=compile, warn=warn)
 
     def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats:
         """Centralize every planned gradient in place; skip those whose ``.grad`` is None.
@@ -175,12 +109,12 @@ class GCPlan:
             grad = grads[index]
             if grad is None:
                 continue
-            target = self.targets[index].target
+            target = self.targets[index]
             if grad.is_sparse:
                 self._warn_sparse(target)
                 grads[index] = None
                 continue
-            check_dense_gradient(target, grad, self._strategy_name)
+            check_dense_gradient(target, grad, self.strategy_name)
         return grads
 
     def _warn_sparse(self, target: Target) -> None:
@@ -192,54 +126,26 @@ class GCPlan:
             )
 
 
-def _unit(planned: PlannedTarget, mode: Mode) -> Unit:
-    param, layout = planned.target.param, planned.target.layout
-    dims = layout.reduce_dims(param.ndim, mode)
-    return unit_of(param, layout.view, layout.groups, planned.decay, dims, layout.unit_dim(mode))
+def dense_plan(
+    model_or_params: nn.Module | Iterable[nn.Parameter],
+    config: GCConfig | None = None,
+    optimizer: Optimizer | None = None,
+    *,
+    warn: Warn = warn_user,
+) -> GCPlan:
+    """A :class:`GCPlan` straight from :func:`~lightning_gc.selection.select`: no cache, no adapter.
 
+    What the dense adapter builds; for benchmarks and tests of the dense routes.
 
-def plan_signature(optimizer: Optimizer) -> Hashable:
-    """Changes whenever the optimizer's parameters or decay settings do, so a cached plan can be reused."""
-    return tuple(
-        (
-            tuple(map(id, g["params"])),
-            tuple(p.requires_grad for p in g["params"]),  # the selector skips frozen parameters
-            g.get("weight_decay"),
-            g.get("maximize"),
-            g.get("decoupled_weight_decay"),
-        )
-        for g in optimizer.param_groups
-    )
+    Example:
+        >>> [t.name for t in dense_plan(nn.Sequential(nn.Linear(3, 2))).targets]
+        ['0.weight']
+    """
+    from lightning_gc.config import GCConfig
 
-
-def _decay_for_group(optimizer: Optimizer, group: dict[str, Any], warn: Warn) -> float:
-    kind = decay_kind(optimizer, group)
-    name = type(optimizer).__name__
-    if kind is DecayKind.COUPLED:
-        return compensation(group)
-    if kind is DecayKind.DECOUPLED:
-        warn(
-            f"`centralize_weight_decay=True` does not apply to {name}: its weight decay is decoupled (it never"
-            " enters the gradient), so only the gradient is centralized. Use a coupled-decay optimizer (SGD, Adam"
-            " with weight_decay) for the paper's GC(g + lambda * w)."
-        )
-    elif kind is DecayKind.UNKNOWN:
-        warn(
-            f"`centralize_weight_decay=True`: lightning-gc does not know whether {name} couples its weight decay"
-            " into the gradient, so its decay is not centralized. Supported: "
-            "SGD, Adam, Adamax, Adagrad, Adadelta, RMSprop, ASGD, NAdam, RAdam."
-        )
-    return 0.0
-
-
-def _warn_about_selection(selector: Selector, planned: list[PlannedTarget], what: str, warn: Warn) -> None:
-    if selector.unmatched_patterns:
-        warn(f"GradientCentralization `exclude` patterns matched no parameter: {selector.unmatched_patterns}")
-    if not planned:
-        warn(
-            f"GradientCentralization found nothing to centralize in the {what}: GC applies to weights with"
-            " ndim >= 2 (conv, linear, RNN), minus `exclude`/`exclude_modules` (and non-conv layers if `conv_only`)."
-        )
+    config = config if config is not None else GCConfig()
+    selection = select(model_or_params, config, optimizer, warn=warn)
+    return GCPlan(selection.targets, config.mode, compile=config.compile, warn=warn, selection=selection)
 
 
 def _sum_of_squares(grads: list[Tensor]) -> Tensor:

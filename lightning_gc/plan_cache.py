@@ -1,56 +1,77 @@
-"""Plans (dense or sharded) reused across calls of :func:`~lightning_gc.centralize_gradients`.
+"""The one plan cache: plans (dense or sharded) reused across steps by the callback and the functional API.
 
 Plans are keyed weakly on what owns the parameters (the optimizer if given, else the module), so a cache
-entry lives exactly as long as its model or optimizer, plus the options. Each call recomputes a cheap
-signature of the parameters (their ids, and ``requires_grad`` for modules, or the optimizer's param groups
-and decay settings) and re-plans when it changed: a replaced layer or an unfrozen one is never missed.
-A bare iterable of parameters has no owner to key on and is planned on every call.
+entry lives exactly as long as its model or optimizer, and on everything that changes a plan: the
+options (``compile`` included, :meth:`~lightning_gc.config.GCConfig.plan_key`), the adapter and the
+module. Each call recomputes a cheap signature of the parameters (their ids, and ``requires_grad`` for
+modules, or the optimizer's param groups and decay settings) and re-plans when it changed: a replaced
+layer or an unfrozen one is never missed. A bare iterable of parameters has no owner to key on and is
+planned on every call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Sequence
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_gc.config import GCConfig
-from lightning_gc.plan import plan_signature
-from lightning_gc.sharding import AppliesGC
+if TYPE_CHECKING:
+    from lightning_gc.config import GCConfig
+    from lightning_gc.sharding import AppliesGC, LayoutAdapter
 
-Build = Callable[[], AppliesGC]
+Warn = Callable[[str], None]
 
 
 class PlanCache:
-    """Plans by owner (weakly), options and parameter signature.
+    """Plans by owner (weakly), options, adapter and parameter signature.
 
     Example:
-        >>> from lightning_gc.functional import build_plan
+        >>> from lightning_gc.config import GCConfig
+        >>> from lightning_gc.sharding.dense import DenseAdapter
         >>> cache, model, config = PlanCache(), nn.Linear(3, 2), GCConfig()
-        >>> first = cache.get(model, config, None, lambda: build_plan(model, config))
-        >>> first is cache.get(model, config, None, lambda: build_plan(model, config))
+        >>> first = cache.plan(DenseAdapter(), config, model)
+        >>> first is cache.plan(DenseAdapter(), config, model)
         True
+        >>> first is cache.plan(DenseAdapter(), GCConfig(compile="eager"), model)
+        False
     """
 
     def __init__(self) -> None:
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.builds = 0  # plans built so far: what tests and diagnostics read to see reuse
 
-    def get(
+    def plan(
         self,
-        model_or_params: nn.Module | Iterable[nn.Parameter],
+        adapter: LayoutAdapter,
         config: GCConfig,
-        optimizer: Optimizer | None,
-        build: Build,
+        model_or_params: nn.Module | Sequence[nn.Parameter],
+        optimizer: Optimizer | None = None,
+        warn: Warn | None = None,
     ) -> AppliesGC:
-        """The cached plan for these arguments, or ``build()``'s result, cached when it has an owner."""
+        """The cached plan for these arguments, or a fresh one from ``adapter`` (cached when it has an owner)."""
         module = model_or_params if isinstance(model_or_params, nn.Module) else None
+        params = None if isinstance(model_or_params, nn.Module) else list(model_or_params)
+
+        def build() -> AppliesGC:
+            self.builds += 1
+            kwargs = {} if warn is None else {"warn": warn}
+            return adapter.build_plan(config, optimizer=optimizer, module=module, params=params, **kwargs)
+
         owner = optimizer if optimizer is not None else module
         if owner is None:
             return build()
-        key, signature = _key_and_signature(model_or_params, module, config, optimizer)
-        plans = self._plans.setdefault(owner, {})
+        key = (config.plan_key(), type(adapter).__name__, id(module) if optimizer is not None else None)
+        if optimizer is None:
+            signature: Hashable = module_signature(module)  # type: ignore[arg-type]
+        elif params is not None:  # restricted to these parameters: they are part of the signature
+            signature = (plan_signature(optimizer), tuple(map(id, params)))
+        else:
+            signature = plan_signature(optimizer)
+        plans: dict[Hashable, tuple[Hashable, AppliesGC]] = self._plans.setdefault(owner, {})  # type: ignore[no-untyped-call]
         cached = plans.get(key)
         if cached is not None and cached[0] == signature:
             return cached[1]
@@ -58,31 +79,50 @@ class PlanCache:
         plans[key] = (signature, plan)
         return plan
 
+    def plans(self) -> list[AppliesGC]:
+        """Every plan cached now (for inspection: which adapter, which targets, bytes communicated)."""
+        per_owner: list[dict[Hashable, tuple[Hashable, AppliesGC]]] = list(self._plans.values())  # type: ignore[no-untyped-call]
+        return [plan for plans in per_owner for _, plan in plans.values()]
+
     def clear(self) -> None:
         """Forget every plan."""
         self._plans = WeakIdKeyDictionary()
 
+    def __getstate__(self) -> dict[str, int]:
+        """Pickled empty (``ddp_spawn`` pickles callbacks): plans hold this process's tensors, never another's."""
+        return {"builds": self.builds}
 
-def _key_and_signature(
-    model_or_params: nn.Module | Iterable[nn.Parameter],
-    module: nn.Module | None,
-    config: GCConfig,
-    optimizer: Optimizer | None,
-) -> tuple[Hashable, Hashable]:
-    if optimizer is None:
-        assert module is not None
-        return (config.key(),), _module_signature(module)
-    if module is not None:
-        return (config.key(), id(module)), plan_signature(optimizer)
-    # parameters given with an optimizer: the plan is restricted to them, so they are part of the signature
-    return (config.key(),), (plan_signature(optimizer), tuple(map(id, model_or_params)))
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.builds = state.get("builds", 0)
+
+    def __len__(self) -> int:
+        """How many owners have plans."""
+        return len(self._plans)
+
+
+def plan_signature(optimizer: Optimizer) -> Hashable:
+    """Changes whenever the optimizer's parameters or decay settings do, so a cached plan can be reused."""
+    return tuple(
+        (
+            tuple(map(id, g["params"])),
+            tuple(p.requires_grad for p in g["params"]),  # the selection skips frozen parameters
+            tuple(p.dtype for p in g["params"]),  # `model.double()` keeps the parameters, changes their plans
+            g.get("weight_decay"),
+            g.get("maximize"),
+            g.get("decoupled_weight_decay"),
+        )
+        for g in optimizer.param_groups
+    )
 
 
 _REQUIRES_GRAD = attrgetter("requires_grad")
+_DTYPE = attrgetter("dtype")
 
 
-def _module_signature(module: nn.Module) -> Hashable:
+def module_signature(module: nn.Module) -> Hashable:
+    """Changes whenever ``module``'s parameters (or their ``requires_grad`` or dtype) do."""
     # `module.parameters()` dedups through Python-level tensor hashing; reading each submodule's own
     # parameter dict is several times cheaper, and duplicates only make the signature longer, not wrong.
     params = [p for sub in module.modules() for p in sub._parameters.values() if p is not None]
-    return tuple(map(id, params)), tuple(map(_REQUIRES_GRAD, params))
+    return tuple(map(id, params)), tuple(map(_REQUIRES_GRAD, params)), tuple(map(_DTYPE, params))

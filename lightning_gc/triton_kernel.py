@@ -34,8 +34,8 @@ from torch import Tensor
 
 from lightning_gc.native.route import row_layout, storage_span
 
-if TYPE_CHECKING:  # the executor imports this module
-    from lightning_gc.executor import Unit
+if TYPE_CHECKING:
+    from lightning_gc.unit import Unit
 
 ENV_SWITCH = "LIGHTNING_GC_TRITON"
 """``1`` turns the Triton route on for CUDA gradients (off by default: unmeasured on GPUs)."""
@@ -128,7 +128,7 @@ class TritonRoute:
     """The Triton kernel over the eligible units of an executor's plan (the seam of ``NativeRoute``).
 
     Args:
-        units: the plan's :class:`~lightning_gc.executor.Unit` list.
+        units: the plan's :class:`~lightning_gc.unit.Unit` list.
         devices: device types it takes (``("cuda",)``; the interpreter's tests pass ``("cpu",)``).
 
     Each job records the dtype, shape, strides and storage span it was planned for; a gradient that differs
@@ -140,6 +140,8 @@ class TritonRoute:
         for i, unit in enumerate(units):
             param = unit.param
             if type(param.data) is not Tensor or param.device.type not in devices or unit.groups != 1:
+                continue
+            if not unit.single_unit_dim:  # rows need one dim indexing every output unit
                 continue
             if param.dtype not in DTYPES or param.numel() == 0:
                 continue

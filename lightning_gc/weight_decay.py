@@ -9,6 +9,7 @@ there is nothing to centralize.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from torch import optim
@@ -62,3 +63,27 @@ def compensation(group: dict[str, Any]) -> float:
     """
     sign = -1.0 if group.get("maximize", False) else 1.0
     return sign * float(group["weight_decay"])
+
+
+def decay_for_group(optimizer: Optimizer, group: dict[str, Any], warn: Callable[[str], None]) -> float:
+    """The compensation coefficient for ``group`` under ``centralize_weight_decay=True`` (0.0 where none applies).
+
+    Warns through ``warn`` when the group decays but GC cannot centralize that decay (decoupled or unknown).
+    """
+    kind = decay_kind(optimizer, group)
+    name = type(optimizer).__name__
+    if kind is DecayKind.COUPLED:
+        return compensation(group)
+    if kind is DecayKind.DECOUPLED:
+        warn(
+            f"`centralize_weight_decay=True` does not apply to {name}: its weight decay is decoupled (it never"
+            " enters the gradient), so only the gradient is centralized. Use a coupled-decay optimizer (SGD, Adam"
+            " with weight_decay) for the paper's GC(g + lambda * w)."
+        )
+    elif kind is DecayKind.UNKNOWN:
+        warn(
+            f"`centralize_weight_decay=True`: lightning-gc does not know whether {name} couples its weight decay"
+            " into the gradient, so its decay is not centralized. Supported: "
+            "SGD, Adam, Adamax, Adagrad, Adadelta, RMSprop, ASGD, NAdam, RAdam."
+        )
+    return 0.0

@@ -4,7 +4,8 @@ import pytest
 import torch
 from reference import gc_reference, ulp_tolerance
 
-from lightning_gc.centralize import RowLayout, centralize_, removed_sq_norm, row_mean
+from lightning_gc.centralize import centralize_, removed_sq_norm, row_mean
+from lightning_gc.layouts import RowLayout
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 SHAPES = [(7, 5), (6, 4, 3), (8, 3, 3, 2), (5, 2, 3, 2, 2)]
@@ -27,7 +28,7 @@ def test_centralize_matches_reference(shape, dtype, mode):
 def test_transposed_conv_layout_is_per_output_channel(dtype, groups, kernel):
     grad = (torch.randn(6, 4, *kernel, dtype=torch.float64) + 0.5).to(dtype)  # (in, out // groups, *k)
     expected = gc_reference(grad, out_dim=1, groups=groups)
-    centralize_(grad, RowLayout(out_dim=1, groups=groups))
+    centralize_(grad, RowLayout(out_dims=(1,), groups=groups))
     torch.testing.assert_close(grad.double(), expected, **ulp_tolerance(dtype))
 
 

@@ -8,9 +8,9 @@ records; nothing here asserts a time.
 
 from __future__ import annotations
 
-import gc
 import shutil
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,12 +18,15 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_gc import centralize_gradients
-from lightning_gc.centralize import RowLayout, centralize_, row_mean
+from lightning_gc.centralize import centralize_, row_mean
 from lightning_gc.compiled import CompiledCentralizer
+from lightning_gc.config import GCConfig
 from lightning_gc.executor import Executor
+from lightning_gc.functional import plan_for
+from lightning_gc.layouts import RowLayout
 from lightning_gc.native import kernel as native_kernel
-from lightning_gc.plan import GCPlan, PlannedTarget
-from lightning_gc.selection import Selector
+from lightning_gc.plan import GCPlan, dense_plan
+from lightning_gc.selection import select
 
 HALF = (torch.float16, torch.bfloat16)
 TOLERANCE = {
@@ -113,7 +116,7 @@ def test_blocks_of_units_match_reference_for_any_strides(dtype, layout, block_by
 def test_grouped_transposed_layout_in_blocks(dtype, groups):
     grad = random_grad((6, 7, 3, 2), dtype)  # (in, out // groups, *k)
     expected = reference(grad, out_dim=1, groups=groups)
-    centralize_(grad, RowLayout(out_dim=1, groups=groups), block_bytes=48)
+    centralize_(grad, RowLayout(out_dims=(1,), groups=groups), block_bytes=48)
     torch.testing.assert_close(grad.double(), expected, **TOLERANCE[dtype])
 
 
@@ -212,7 +215,7 @@ def check(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_plan_routes_match_reference(dtype, mode, channels_last, route):
     model = MixedNet(dtype)
-    plan = GCPlan.for_module(model, Selector(), mode)
+    plan = dense_plan(model, GCConfig(mode=mode))
     if route == "eager":
         assert plan._executor.stacks, "the small layers should be stacked"
     else:  # all but the grouped transposed conv, whose output units are not contiguous
@@ -230,7 +233,7 @@ def test_stacks_below_the_parallel_grain_with_several_threads(dtype, eager_route
     # 64x64 weights beside 8M other entries: the 1% budget allows 8+ per stack, the grain only 7
     model = nn.Sequential(*(nn.Linear(64, 64, bias=False) for _ in range(12)), nn.Linear(4096, 2048, bias=False))
     model.to(dtype)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     (stack,) = plan._executor.stacks
     assert stack.serial_per_stack == 7 < stack.per_stack
     threads = torch.get_num_threads()
@@ -246,7 +249,7 @@ def test_stacks_below_the_parallel_grain_with_several_threads(dtype, eager_route
 
 def test_stack_with_one_live_gradient_falls_back_to_the_single_route(eager_route):
     model = MixedNet(torch.float32, small=2)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     assert plan._executor.stacks
     fill_grads(model, seed=4, skip=("small.0.weight",))
     expected = expected_after_gc(model)
@@ -259,7 +262,7 @@ def test_mixed_dtypes_in_one_plan(route):
     model.small[:4].to(torch.bfloat16)
     model.big.to(torch.float16)
     model.up.to(torch.float64)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     fill_grads(model, seed=3)
     expected = expected_after_gc(model)
     plan.apply()
@@ -269,7 +272,7 @@ def test_mixed_dtypes_in_one_plan(route):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_stats_from_every_route_match_reference(dtype, route):
     model = MixedNet(dtype)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     fill_grads(model, seed=5)
     centralized = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n}
     stats = plan.apply(compute_stats=True, grad_scale=4.0)
@@ -287,8 +290,8 @@ def test_weight_decay_compensation_on_blocked_and_staged_routes(dtype, eager_rou
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(random_grad(tuple(p.shape), torch.float64, seed=p.numel()).to(dtype))
-    targets = [PlannedTarget(t, decay=0.1) for t in Selector().select_from_module(model)]
-    plan = GCPlan(targets, "channel", warn=print)
+    targets = [replace(t, decay=0.1) for t in select(model, GCConfig()).targets]
+    plan = GCPlan(targets, "channel")
     for unit in plan._executor.units:  # force blocks and the sliced route on every tensor
         unit.block_elements, unit.direct = 50, False
     fill_grads(model, seed=7)
@@ -299,7 +302,7 @@ def test_weight_decay_compensation_on_blocked_and_staged_routes(dtype, eager_rou
 
 def test_plan_peak_memory_is_within_one_percent_of_gradient_bytes(route):
     model = nn.Sequential(*(nn.Linear(1024, 1024, bias=False) for _ in range(4)), nn.Linear(1024, 4096)).bfloat16()
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     fill_grads(model, seed=0)
     grad_bytes = sum(p.numel() * 2 for p in model.parameters() if p.ndim >= 2)
     units = 4 * 1024 + 4096
@@ -344,7 +347,7 @@ def counting_backend():
 def test_compiled_route_matches_reference_and_compiles_once(dtype, counting_backend):
     torch._dynamo.reset()
     model = MixedNet(dtype, small=3)
-    plan = GCPlan.for_module(model, Selector(), "channel", compile=counting_backend)
+    plan = dense_plan(model, GCConfig(compile=counting_backend))
     compiled = plan._executor.compiled
     for step in range(3):  # new gradient tensors every step: same layout, no recompilation
         fill_grads(model, seed=step)
@@ -359,7 +362,7 @@ def test_compiled_route_matches_reference_and_compiles_once(dtype, counting_back
 def test_compiled_route_declines_new_layouts_beyond_its_limit():
     torch._dynamo.reset()
     model = MixedNet(torch.float32, small=2)
-    plan = GCPlan.for_module(model, Selector(), "channel", compile="aot_eager")
+    plan = dense_plan(model, GCConfig(compile="aot_eager"))
     plan._executor.compiled.max_variants = 1
     for channels_last in (False, True, False):
         fill_grads(model, seed=1, channels_last=channels_last)
@@ -373,8 +376,7 @@ def test_compiled_route_falls_back_with_one_warning(failing_backend):
     torch._dynamo.reset()
     model = MixedNet(torch.float32, small=2)
     messages: list[str] = []
-    plan = GCPlan([PlannedTarget(t) for t in Selector().select_from_module(model)], "channel", messages.append,
-                  compile=failing_backend)  # fmt: skip
+    plan = GCPlan(select(model, GCConfig()).targets, "channel", warn=messages.append, compile=failing_backend)
     for step in range(2):
         fill_grads(model, seed=step)
         expected = expected_after_gc(model)
@@ -386,9 +388,9 @@ def test_compiled_route_falls_back_with_one_warning(failing_backend):
 def test_decayed_targets_stay_on_the_eager_route():
     torch._dynamo.reset()
     model = MixedNet(torch.float32, small=2)
-    selected = Selector().select_from_module(model)
-    targets = [PlannedTarget(t, decay=0.5 if t.name == "big.weight" else 0.0) for t in selected]
-    plan = GCPlan(targets, "channel", print, compile="aot_eager")
+    selected = select(model, GCConfig()).targets
+    targets = [replace(t, decay=0.5 if t.name == "big.weight" else 0.0) for t in selected]
+    plan = GCPlan(targets, "channel", compile="aot_eager")
     fill_grads(model, seed=2)
     expected = expected_after_gc(model)
     expected["big.weight"] -= 0.5 * unit_means(model.big.weight)
@@ -405,7 +407,7 @@ def test_compile_option_is_validated():
 def test_inductor_route_when_a_compiler_is_present():
     torch._dynamo.reset()
     weight = nn.Parameter(torch.zeros(6, 5))
-    plan = GCPlan.for_params([weight], Selector(), "channel", compile=True, warn=warnings.warn)
+    plan = dense_plan([weight], GCConfig(compile=True), warn=warnings.warn)
     weight.grad = random_grad((6, 5), torch.float32)
     expected = reference(weight.grad)
     with warnings.catch_warnings(record=True):
@@ -427,43 +429,25 @@ def test_compiled_centralizer_declines_when_marked_unavailable():
 # --- the plan cache of centralize_gradients -----------------------------------------------------------------
 
 
-def test_centralize_gradients_reuses_its_plan_and_replans_on_change(monkeypatch):
-    import lightning_gc.functional as functional
-
-    built = []
-    real_build = functional.build_plan
-    monkeypatch.setattr(functional, "build_plan", lambda *a, **k: built.append(1) or real_build(*a, **k))
+def test_centralize_gradients_reuses_its_plan_and_replans_on_change():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    plans = set()
     for _ in range(3):
         fill_grads(model, seed=0)
         centralize_gradients(model)
-    assert len(built) == 1
-    centralize_gradients(model, mode="tensor")  # other options, other plan
-    assert len(built) == 2
+        plans.add(id(plan_for(model)))
+    assert len(plans) == 1
+    assert plan_for(model, config=GCConfig(mode="tensor")) is not plan_for(model)  # other options, other plan
+    first = plan_for(model)
     model[1] = nn.Linear(3, 2)  # a replaced layer must be centralized too
     fill_grads(model, seed=1)
     expected = reference(model[1].weight.grad)
     centralize_gradients(model)
-    assert len(built) == 3
+    assert plan_for(model) is not first
     torch.testing.assert_close(model[1].weight.grad.double(), expected, **TOLERANCE[torch.float32])
+    second = plan_for(model)
     model[0].requires_grad_(False)  # freezing changes the selection
-    centralize_gradients(model)
-    assert len(built) == 4
-
-
-def test_plan_cache_does_not_keep_models_alive():
-    import weakref
-
-    from lightning_gc.functional import _PLANS
-
-    model = nn.Linear(4, 3)
-    fill_grads(model, seed=0)
-    centralize_gradients(model)
-    alive = weakref.ref(model)
-    assert len(_PLANS._plans) >= 1
-    del model
-    gc.collect()
-    assert alive() is None
+    assert plan_for(model) is not second
 
 
 def test_optimizer_keyed_plan_follows_param_groups():

@@ -3,8 +3,9 @@
 import pytest
 from torch import nn
 
-from lightning_gc.centralize import RowLayout
 from lightning_gc.config import GCConfig
+from lightning_gc.layouts import RowLayout
+from lightning_gc.selection import select
 
 
 class Zoo(nn.Module):
@@ -20,7 +21,7 @@ class Zoo(nn.Module):
 
 
 def names(**options):
-    return [t.name for t in GCConfig(**options).selector().select_from_module(Zoo())]
+    return [t.name for t in select(Zoo(), GCConfig(**options)).targets]
 
 
 def test_default_selects_every_weight_with_ndim_at_least_2_except_embeddings():
@@ -55,43 +56,43 @@ def test_exclude_module_by_name_matches_subclasses():
         pass
 
     model = nn.Sequential(MyEmbedding(4, 3), nn.Linear(3, 2))
-    assert [t.name for t in GCConfig().selector().select_from_module(model)] == ["1.weight"]
+    assert [t.name for t in select(model, GCConfig()).targets] == ["1.weight"]
 
 
 def test_transposed_convolution_keeps_output_channels_in_dim_1():
-    layouts = {t.name: t.layout for t in GCConfig().selector().select_from_module(Zoo())}
-    assert layouts["up.weight"] == RowLayout(out_dim=1, groups=2)
+    layouts = {t.name: t.layout for t in select(Zoo(), GCConfig()).targets}
+    assert layouts["up.weight"] == RowLayout(out_dims=(1,), groups=2)
     assert layouts["conv2d.weight"] == RowLayout()
 
 
 def test_shared_parameters_are_selected_once():
     linear = nn.Linear(3, 3)
     model = nn.Sequential(linear, nn.ReLU(), linear)
-    assert [t.name for t in GCConfig().selector().select_from_module(model)] == ["0.weight"]
+    assert [t.name for t in select(model, GCConfig()).targets] == ["0.weight"]
 
 
 def test_frozen_parameters_are_skipped():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     model[0].weight.requires_grad_(False)
-    assert [t.name for t in GCConfig().selector().select_from_module(model)] == ["1.weight"]
+    assert [t.name for t in select(model, GCConfig()).targets] == ["1.weight"]
 
 
 def test_bare_parameters_use_only_the_dimension_rule():
     model = Zoo()
-    targets = GCConfig().selector().select_from_params(model.parameters())
-    assert len(targets) == 7  # the embedding too: no module types are known
-    assert all(t.layout == RowLayout() for t in targets)
+    selection = select(model.parameters(), GCConfig())
+    assert len(selection.targets) == 7  # the embedding too: no module types are known
+    assert all(t.layout == RowLayout() for t in selection.targets)
+    assert [c.decision for c in selection.choices if c.selected] == ["assumed"] * 7
 
 
 def test_conv_only_with_bare_parameters_is_an_error():
     with pytest.raises(ValueError, match="conv_only"):
-        GCConfig(conv_only=True).selector().select_from_params(Zoo().parameters())
+        select(Zoo().parameters(), GCConfig(conv_only=True))
 
 
 def test_unmatched_exclude_patterns_are_reported():
-    selector = GCConfig(exclude=("head.*", "nothing.*")).selector()
-    selector.select_from_module(Zoo())
-    assert selector.unmatched_patterns == ["nothing.*"]
+    selection = select(Zoo(), GCConfig(exclude=("head.*", "nothing.*")))
+    assert selection.unmatched_patterns == ["nothing.*"]
 
 
 @pytest.mark.parametrize(

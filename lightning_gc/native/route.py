@@ -12,15 +12,12 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_gc.native.build import Kernel
-
-if TYPE_CHECKING:  # the executor imports this module
-    from lightning_gc.executor import Unit
+from lightning_gc.unit import Unit
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 """As the ``LGC_*`` enum in ``kernel.c``."""
@@ -86,7 +83,7 @@ class NativeRoute:
 
     Args:
         kernel: the loaded kernel.
-        units: the plan's :class:`~lightning_gc.executor.Unit` list.
+        units: the plan's :class:`~lightning_gc.unit.Unit` list.
     """
 
     def __init__(self, kernel: Kernel, units: Sequence[Unit]) -> None:

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
-from lightning_gc.plan import _decay_for_group, _warn_about_selection
-from lightning_gc.selection import Owner
+from lightning_gc.errors import UnsupportedGradientLayoutError
+from lightning_gc.errors import warn as warn_user
+from lightning_gc.selection import Choice, Owner, Selection, owners_of, warn_about_selection
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
-from lightning_gc.sharding.row_reduce import PieceTarget, ReduceGroup, accumulation_dtype
+from lightning_gc.sharding.row_reduce import PieceShardPlan, PieceTarget, ReduceGroup, row_sum_dtype
+from lightning_gc.weight_decay import decay_for_group
 
 Warn = Callable[[str], None]
 SUPPORTED_ZERO_STAGES: tuple[int, ...] = (1, 2)
@@ -76,14 +76,23 @@ class DeepSpeedAdapter:
 
     strategy_name: str = "DeepSpeedStrategy"
     engine: Callable[[], Any] = field(default=lambda: None)
+    dense: ClassVar[bool] = False
 
-    def build_plan(self, optimizer: Optimizer, module: nn.Module, config: GCConfig, warn: Warn) -> ZeroPlan:
+    def build_plan(
+        self,
+        config: GCConfig,
+        *,
+        optimizer: Optimizer | None = None,
+        module: nn.Module | None = None,
+        params: list[nn.Parameter] | None = None,
+        warn: Warn = warn_user,
+    ) -> ZeroPlan:
         engine = self.engine()
         if engine is None or not hasattr(engine, "is_gradient_accumulation_boundary"):
             raise UnsupportedGradientLayoutError(
                 f"GradientCentralization found no DeepSpeed engine under {self.strategy_name} at the optimizer step."
             )
-        return ZeroPlan.for_engine(engine, module, config, warn, self.strategy_name)
+        return ZeroPlan.for_engine(engine, module if module is not None else engine, config, warn, self.strategy_name)
 
 
 @dataclass
@@ -103,24 +112,19 @@ class _ZeroTarget(PieceTarget):
         flat = fragment.view(-1)
         if flat.numel() != self.piece.numel:  # the whole parameter's gradient kept on every rank (bf16 optimizer)
             flat = flat.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
-        return flat
+        return flat  # type: ignore[no-any-return]  # DeepSpeed is untyped
 
     def weight(self) -> Tensor | None:
         mapping = getattr(self.param, "_hp_mapping", None)
         return None if self.piece is None or mapping is None else mapping.hp_fragment.detach().view(-1)
 
 
-class ZeroPlan:
+class ZeroPlan(PieceShardPlan):
     """GC for the ZeRO optimizer of one ``DeepSpeedEngine``; call :meth:`apply` on every rank."""
 
-    def __init__(self, engine: Any, groups: list[ReduceGroup]) -> None:
+    def __init__(self, engine: Any, groups: list[ReduceGroup], selection: Selection | None = None) -> None:
+        super().__init__(groups, selection)
         self.engine = engine
-        self.groups = groups
-
-    @property
-    def targets(self) -> list[PieceTarget]:
-        """Every parameter GC applies to."""
-        return [t for g in self.groups for t in g.targets]
 
     @classmethod
     def for_engine(
@@ -140,38 +144,33 @@ class ZeroPlan:
                 f"GradientCentralization needs DeepSpeed's ZeRO stage 1/2 optimizer under {strategy_name}, got"
                 f" {type(zero).__name__}."
             )
-        owners = _named_owners(module)
+        owners = owners_of(module)
         selector = config.selector()
-        names, chosen = [], []
+        choices: list[Choice] = []
+        chosen = []
         for index, params in enumerate(lp_groups):
             base_group = zero.optimizer.param_groups[index]
-            decay = _decay_for_group(zero.optimizer, base_group, warn) if config.centralize_weight_decay else 0.0
+            decay = decay_for_group(zero.optimizer, base_group, warn) if config.centralize_weight_decay else 0.0
             for param in params:
-                name, owner, attr = owners.get(id(param), (f"param_{len(names)}", None, ""))
-                names.append(name)
-                layout = selector.layout_for(Owner(name, owner, attr), param.ndim)
-                if layout is not None and param.requires_grad:
-                    chosen.append(
-                        (
-                            param,
-                            name,
-                            FlatRows(tuple(param.shape), tuple(param.stride()), layout, config.mode),
-                            decay,
-                            index,
-                        )
-                    )
-        selector.track_names(names)
-        _warn_about_selection(selector, chosen, f"DeepSpeed {type(zero.optimizer).__name__} optimizer", warn)  # type: ignore[arg-type]
+                owner = owners.get(param) or Owner(f"param_{len(choices)}")
+                choice = selector.decide(owner, param.shape, param.requires_grad)
+                choices.append(choice)
+                if choice.selected and choice.layout is not None:
+                    rows = FlatRows(tuple(param.shape), tuple(param.stride()), choice.layout, config.mode)
+                    chosen.append((param, choice.name, rows, decay, index))
+        names = [c.name for c in choices]
+        selection = Selection([], choices, selector.unmatched_patterns(names), selector.unmatched_modules(module))
+        warn_about_selection(selection, f"DeepSpeed {type(zero.optimizer).__name__} optimizer", warn)
         groups: dict[int, ReduceGroup] = {}
         for param, name, rows, decay, index in chosen:
             group = zero.real_dp_process_group[index]
             if id(group) not in groups:
-                groups[id(group)] = ReduceGroup(group, param.device, accumulation_dtype(param.dtype))
+                groups[id(group)] = ReduceGroup(group, param.device, row_sum_dtype(param.dtype))
             groups[id(group)].targets.append(_ZeroTarget(name, rows, decay, None, [], param=param))
         for group in groups.values():
             _locate_fragments(group, strategy_name)
             group.assign_slots()
-        return cls(engine, list(groups.values()))
+        return cls(engine, list(groups.values()), selection)
 
     def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats:
         """Centralize this rank's gradient fragments in place, at accumulation boundaries only.
@@ -187,15 +186,8 @@ class ZeroPlan:
             return GCStats(skipped=True)
         scale = grad_scale * float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
         stats = GCStats(tensors=len(self.targets), elements=sum(t.rows.numel for t in self.targets))
-        parts = [p for p in (g.apply(compute_stats, scale) for g in self.groups) if p is not None]
-        if compute_stats and parts:
-            stats.grad_sq = sum(p[0].float().cpu() for p in parts) / scale**2  # type: ignore[assignment]
-            stats.removed_sq = sum(p[1].float().cpu() for p in parts) / scale**2  # type: ignore[assignment]
-        return stats
-
-    def bytes_per_step(self, compute_stats: bool = False) -> int:
-        """Bytes each rank contributes to this plan's all-reduces per optimizer step."""
-        return sum(g.buffer_numel(compute_stats) * torch.finfo(g.dtype).bits // 8 for g in self.groups)
+        parts = [g.apply(compute_stats, scale) for g in self.groups]
+        return self.with_totals(stats, parts, compute_stats, scale)
 
 
 def _locate_fragments(group: ReduceGroup, strategy_name: str) -> None:
@@ -208,7 +200,7 @@ def _locate_fragments(group: ReduceGroup, strategy_name: str) -> None:
     everyone: list[list[tuple[int, int] | None]] = [[] for _ in range(dist.get_world_size(group.process_group))]
     dist.all_gather_object(everyone, mine, group=group.process_group)
     for k, target in enumerate(group.targets):
-        ranges = sorted(r[k] for r in everyone if r[k] is not None)  # type: ignore[type-var]
+        ranges = sorted(r for rank in everyone if (r := rank[k]) is not None)
         covered = 0
         for start, numel in ranges:
             if start != covered:
@@ -223,15 +215,7 @@ def _locate_fragments(group: ReduceGroup, strategy_name: str) -> None:
                 f" cover {covered} of its {target.rows.numel} entries."
             )
         target.cut_rows = target.rows.cut_rows(start for start, _ in ranges)
-        if mine[k] is not None:
-            start, numel = mine[k]  # type: ignore[misc]
+        local = mine[k]
+        if local is not None:
+            start, numel = local
             target.piece = RowSlice(target.rows, start, start + numel, group.device)
-
-
-def _named_owners(module: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
-    """``id(param) -> (qualified name, owning module, attribute)``, first owner wins."""
-    owners: dict[int, tuple[str, nn.Module, str]] = {}
-    for module_name, sub in module.named_modules(remove_duplicate=False):
-        for attr, param in sub.named_parameters(recurse=False):
-            owners.setdefault(id(param), (f"{module_name}.{attr}" if module_name else attr, sub, attr))
-    return owners

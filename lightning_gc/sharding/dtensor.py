@@ -19,17 +19,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_gc.centralize import Mode, accumulation_dtype
+from lightning_gc.centralize import accumulation_dtype, removed_sq_norm
 from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
-from lightning_gc.plan import GCPlan, PlannedTarget
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError, check_dense_gradient
+from lightning_gc.errors import UnsupportedGradientLayoutError
+from lightning_gc.errors import warn as warn_user
+from lightning_gc.layouts import Mode
+from lightning_gc.selection import Selection, Target, select
+from lightning_gc.sharding.guard import check_dense_gradient
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 Warn = Callable[[str], None]
 
@@ -40,17 +46,26 @@ class DTensorAdapter:
 
     Example:
         >>> model = nn.Linear(3, 2)
-        >>> plan = DTensorAdapter().build_plan(torch.optim.SGD(model.parameters(), lr=0.1), model, GCConfig(), print)
-        >>> [t.target.name for t in plan.targets]
+        >>> plan = DTensorAdapter().build_plan(GCConfig(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1), module=model)
+        >>> [t.name for t in plan.targets]
         ['weight']
     """
 
     strategy_name: str = "ModelParallelStrategy"
+    dense: ClassVar[bool] = False
 
-    def build_plan(self, optimizer: Optimizer, module: nn.Module, config: GCConfig, warn: Warn) -> DTensorPlan:
+    def build_plan(
+        self,
+        config: GCConfig,
+        *,
+        optimizer: Optimizer | None = None,
+        module: nn.Module | None = None,
+        params: list[nn.Parameter] | None = None,
+        warn: Warn = warn_user,
+    ) -> DTensorPlan:
         """Select the targets as for dense gradients (same options, same warnings); centralize them sharded."""
-        base = GCPlan.for_config(optimizer, module, config, warn, self.strategy_name)
-        return DTensorPlan(base.targets, base.mode, warn, self.strategy_name)
+        selection = select(module if module is not None else params or [], config, optimizer, warn=warn)
+        return DTensorPlan(selection.targets, config.mode, warn, self.strategy_name, selection)
 
 
 class DTensorPlan:
@@ -66,8 +81,16 @@ class DTensorPlan:
         strategy_name: named in errors.
     """
 
-    def __init__(self, targets: list[PlannedTarget], mode: Mode, warn: Warn = print, strategy_name: str = "") -> None:
+    def __init__(
+        self,
+        targets: list[Target],
+        mode: Mode = "channel",
+        warn: Warn = warn_user,
+        strategy_name: str = "",
+        selection: Selection | None = None,
+    ) -> None:
         self.targets = targets
+        self.selection = selection
         self.mode = mode
         self._warn = warn
         self._strategy_name = strategy_name
@@ -99,10 +122,10 @@ class DTensorPlan:
                 stats.grad_sq, stats.removed_sq = totals[0] / grad_scale**2, totals[1] / grad_scale**2
             return stats
 
-    def _live(self) -> list[tuple[PlannedTarget, Tensor]]:
+    def _live(self) -> list[tuple[Target, Tensor]]:
         live = []
         for planned in self.targets:
-            grad = planned.target.param.grad
+            grad = planned.param.grad
             if grad is None:
                 continue
             if grad.is_sparse:
@@ -111,22 +134,21 @@ class DTensorPlan:
             live.append((planned, grad))
         return live
 
-    def _rows(self, planned: PlannedTarget, grad: Tensor, grad_scale: float) -> _Rows:
-        target = planned.target
-        weight = target.param.detach() if planned.decay else None
+    def _rows(self, target: Target, grad: Tensor, grad_scale: float) -> _Rows:
+        weight = target.param.detach() if target.decay else None
         if not _is_dtensor(grad) or grad.shape != target.param.shape:
             check_dense_gradient(target, grad, self._strategy_name)  # raises for a DTensor of the wrong shape
-            return _Rows.build(grad, weight, planned, _Layout.dense(grad.shape), self.mode, grad_scale)
-        grad = _normalized(target.param, grad, match_weight=weight is not None, name=target.name)
-        layout = _Layout.of(grad, target.name, target.layout.out_dim, target.layout.groups, self.mode)
-        local_weight = weight.to_local() if weight is not None and _is_dtensor(weight) else weight
-        return _Rows.build(grad.to_local(), local_weight, planned, layout, self.mode, grad_scale)
+            return _Rows.build(grad, weight, target, _Layout.dense(grad.shape), self.mode, grad_scale)
+        sharded = _normalized(target.param, cast("DTensor", grad), match_weight=weight is not None, name=target.name)
+        layout = _Layout.of(sharded, target.name, target.layout.out_dims, target.layout.groups, self.mode)
+        local_weight = cast("DTensor", weight).to_local() if weight is not None and _is_dtensor(weight) else weight
+        return _Rows.build(sharded.to_local(), local_weight, target, layout, self.mode, grad_scale)
 
-    def _warn_sparse(self, planned: PlannedTarget) -> None:
+    def _warn_sparse(self, target: Target) -> None:
         if not self._sparse_warned:
             self._sparse_warned = True
             self._warn(
-                f"GradientCentralization skips sparse gradients (first seen: `{planned.target.name}`): GC needs every"
+                f"GradientCentralization skips sparse gradients (first seen: `{target.name}`): GC needs every"
                 " entry of a row. Exclude the parameter to silence this."
             )
 
@@ -156,8 +178,8 @@ class _Layout:
         return cls(shape, replicas=world)
 
     @classmethod
-    def of(cls, grad: Tensor, name: str, out_dim: int, conv_groups: int, mode: Mode) -> _Layout:
-        """The layout of DTensor ``grad`` (no ``Partial`` placements), for rows along ``out_dim``."""
+    def of(cls, grad: DTensor, name: str, out_dims: tuple[int, ...], conv_groups: int, mode: Mode) -> _Layout:
+        """The layout of DTensor ``grad`` (no ``Partial`` placements), for rows along ``out_dims``."""
         mesh = grad.device_mesh
         replicas, splitting, sharded = 1, [], set()
         for mesh_dim, placement in enumerate(grad.placements):
@@ -168,7 +190,7 @@ class _Layout:
                 continue
             dim = _sharded_dim(placement, name)
             sharded.add(dim)
-            if mode == "tensor" or dim != out_dim:
+            if mode == "tensor" or dim not in out_dims:
                 splitting.append(mesh_dim)
         offset = 0
         if conv_groups > 1 and mode == "channel" and 0 in sharded:
@@ -198,15 +220,15 @@ class _Rows:
         cls,
         local: Tensor,
         weight: Tensor | None,
-        planned: PlannedTarget,
+        planned: Target,
         layout: _Layout,
         mode: Mode,
         grad_scale: float,
     ) -> _Rows:
         """The local row sums of ``local`` (and of ``weight`` for the decay), not yet completed over ranks."""
-        row_layout = planned.target.layout
+        row_layout = planned.layout
         conv_groups = row_layout.groups if mode == "channel" else 1
-        keep = () if mode == "tensor" else (row_layout.out_dim,)
+        keep = () if mode == "tensor" else row_layout.out_dims
         group_of_row = None
         if conv_groups > 1:
             index = torch.arange(local.shape[0], device=local.device) + layout.dim0_offset
@@ -228,7 +250,7 @@ class _Rows:
         Returns the squared norm of the removed gradient mean over the local entries if ``measure``, else 0.
         """
         mean = self._per_row(self.sums / self.count)
-        removed = _broadcast_sq_sum(mean, self.local.numel()) if measure else mean.new_zeros(())
+        removed = removed_sq_norm(mean, self.local.numel()).float() if measure else mean.new_zeros(())
         if self.decay_sums is not None:
             mean = mean + self._per_row(self.decay_sums / self.count)
         self.local.sub_(mean)
@@ -260,11 +282,11 @@ def _complete_row_sums(rows: list[_Rows], keep_decay_apart: bool) -> None:
         flat = torch.cat([p.reshape(-1) for p in parts])
         for group in groups:
             torch.distributed.all_reduce(flat, group=group)
-        for part, reduced in zip(parts, flat.split([p.numel() for p in parts])):
+        for part, reduced in zip(parts, torch.split(flat, [p.numel() for p in parts])):
             part.copy_(reduced.view_as(part))
 
 
-def _normalized(param: Tensor, grad: Tensor, match_weight: bool, name: str) -> Tensor:
+def _normalized(param: Tensor, grad: DTensor, match_weight: bool, name: str) -> DTensor:
     """``grad``, redistributed (and assigned back to ``param.grad``) where GC cannot work in its layout.
 
     ``Partial`` mesh dims are reduced to the weight's placement there. The decay compensation needs the
@@ -289,11 +311,12 @@ def _normalized(param: Tensor, grad: Tensor, match_weight: bool, name: str) -> T
     return grad
 
 
-def _weight_placements(param: Tensor, grad: Tensor) -> tuple[Any, ...]:
+def _weight_placements(param: Tensor, grad: DTensor) -> tuple[Any, ...]:
     from torch.distributed.tensor import Replicate
 
-    same_mesh = _is_dtensor(param) and param.device_mesh == grad.device_mesh
-    return tuple(Replicate() if p.is_partial() else p for p in (param if same_mesh else grad).placements)
+    same_mesh = _is_dtensor(param) and cast("DTensor", param).device_mesh == grad.device_mesh
+    source = cast("DTensor", param) if same_mesh else grad
+    return tuple(Replicate() if p.is_partial() else p for p in source.placements)
 
 
 def _sharded_dim(placement: Any, name: str) -> int:
@@ -306,7 +329,7 @@ def _sharded_dim(placement: Any, name: str) -> int:
     return dim
 
 
-def _dim0_offset(grad: Tensor, name: str) -> int:
+def _dim0_offset(grad: DTensor, name: str) -> int:
     from torch.distributed.tensor import Shard
 
     if not all(p.is_replicate() or isinstance(p, Shard) for p in grad.placements):
@@ -320,16 +343,10 @@ def _dim0_offset(grad: Tensor, name: str) -> int:
     return int(offset[0])
 
 
-def _broadcast_sq_sum(mean: Tensor, numel: int) -> Tensor:
-    """Squared norm of ``mean`` broadcast over ``numel`` entries (its shape divides theirs)."""
-    if numel == 0 or mean.numel() == 0:
-        return mean.new_zeros((), dtype=torch.float32)
-    return mean.float().square().sum() * (numel // mean.numel())
-
-
 def _sq_norm(tensor: Tensor) -> Tensor:
     norm = torch.linalg.vector_norm(tensor, dtype=torch.promote_types(tensor.dtype, torch.float32))
-    return norm.float().square()
+    squared: Tensor = norm.float().square()
+    return squared
 
 
 def _all_reduce_world(tensor: Tensor) -> None:

@@ -7,8 +7,9 @@ partial sums of a slice and subtracts per-row means from it, without materializi
 
 Rows of a weight whose output dim is outermost in storage (linear, conv, RNN weights; any weight in
 ``mode="tensor"``) are consecutive blocks of the flat tensor: a slice needs three reductions and no index.
-Other layouts (transposed convolutions, whose output dim is dim 1) map entries to rows through their
-strides, with a row-id per entry of the slice.
+Other layouts (transposed convolutions and transformers' ``Conv1D``, whose output dim is dim 1) map
+entries to rows through their strides, with a row-id per entry of the slice. What a row is comes from
+:class:`~lightning_gc.layouts.RowLayout`, as everywhere else.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_gc.centralize import Mode, RowLayout
+from lightning_gc.layouts import DIM0, Mode, RowLayout
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class FlatRows:
 
     shape: tuple[int, ...]
     strides: tuple[int, ...]
-    layout: RowLayout = RowLayout()
+    layout: RowLayout = DIM0
     mode: Mode = "channel"
 
     def __post_init__(self) -> None:
@@ -63,9 +64,7 @@ class FlatRows:
         """Number of GC rows (output units; 1 in ``"tensor"`` mode)."""
         if self.mode == "tensor":
             return 1
-        if self.layout.out_dim == 0:
-            return self.shape[0]
-        return self.layout.groups * self.shape[self.layout.out_dim]
+        return self.layout.groups * math.prod(self.shape[d] for d in self.layout.out_dims)
 
     @property
     def row_numel(self) -> int:
@@ -77,7 +76,7 @@ class FlatRows:
         """Whether row ``r`` is exactly the flat range ``[r * row_numel, (r + 1) * row_numel)``."""
         if self.rows == 1:
             return True
-        return self.layout.out_dim == 0 and self.strides[0] == self.row_numel
+        return self.layout.out_dims == (0,) and self.strides[0] == self.row_numel
 
     def cut_rows(self, boundaries: Iterable[int]) -> list[int]:
         """Rows that have entries on both sides of some flat position in ``boundaries``, sorted.
@@ -97,13 +96,16 @@ class FlatRows:
         flat = torch.arange(start, stop, device=device)
         if self.rows == 1:
             return torch.zeros_like(flat)
-        out_dim = self.layout.out_dim
-        unit = (flat // self.strides[out_dim]) % self.shape[out_dim]
-        if out_dim == 0 or self.layout.groups == 1:
+        unit = torch.zeros_like(flat)
+        units = 1
+        for dim in self.layout.out_dims:  # dense strides: the index along `dim` is (flat // stride) % size
+            unit = unit * self.shape[dim] + (flat // self.strides[dim]) % self.shape[dim]
+            units *= self.shape[dim]
+        if self.layout.groups == 1:
             return unit
         # Grouped transposed conv: dim 0 holds `groups` blocks of input channels, each with its own outputs.
         group = (flat // self.strides[0]) % self.shape[0] // (self.shape[0] // self.layout.groups)
-        return group * self.shape[out_dim] + unit
+        return group * units + unit
 
 
 class RowSlice:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +30,13 @@ from torch.optim import Optimizer
 
 from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
-from lightning_gc.plan import GCPlan, PlannedTarget, _decay_for_group, _warn_about_selection
-from lightning_gc.selection import Owner
+from lightning_gc.errors import UnsupportedGradientLayoutError
+from lightning_gc.errors import warn as warn_user
+from lightning_gc.plan import GCPlan
+from lightning_gc.selection import OwnerIndex, Selection, select, warn_about_selection
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
-from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
-from lightning_gc.sharding.row_reduce import PieceTarget, ReduceGroup, accumulation_dtype
+from lightning_gc.sharding.row_reduce import PieceShardPlan, PieceTarget, ReduceGroup, row_sum_dtype
+from lightning_gc.weight_decay import decay_for_group
 
 Warn = Callable[[str], None]
 
@@ -75,9 +77,23 @@ class FSDPAdapter:
 
     strategy_name: str = "FSDPStrategy"
     root: Callable[[], nn.Module | None] = field(default=lambda: None)
+    dense: ClassVar[bool] = False
 
-    def build_plan(self, optimizer: Optimizer, module: nn.Module, config: GCConfig, warn: Warn) -> FlatShardPlan:
+    def build_plan(
+        self,
+        config: GCConfig,
+        *,
+        optimizer: Optimizer | None = None,
+        module: nn.Module | None = None,
+        params: list[nn.Parameter] | None = None,
+        warn: Warn = warn_user,
+    ) -> FlatShardPlan:
         root = self.root() or module
+        if module is None or root is None:
+            raise UnsupportedGradientLayoutError(
+                f"GradientCentralization under {self.strategy_name} needs the FSDP-wrapped module, not bare"
+                " parameters: the flat shards are mapped back to weights through it."
+            )
         return FlatShardPlan.for_optimizer(optimizer, module, root, config, warn, self.strategy_name)
 
 
@@ -108,29 +124,24 @@ class _FSDPTarget(PieceTarget):
                     f"GradientCentralization cannot centralize `{self.name}`: its `.grad` is no longer a view of"
                     " FSDP's sharded flat gradient (was it replaced between backward and the optimizer step?)."
                 )
-        return piece
+        return piece  # type: ignore[no-any-return]  # FSDP's handle is untyped
 
     def weight(self) -> Tensor | None:
         if self.piece is None:
             return None
-        return self.handle.flat_param.detach().narrow(0, self.offset, self.piece.numel)
+        return self.handle.flat_param.detach().narrow(0, self.offset, self.piece.numel)  # type: ignore[no-any-return]
 
 
-class FlatShardPlan:
+class FlatShardPlan(PieceShardPlan):
     """GC for one optimizer under FSDP1: exact from the flat shards, identical statistics on every rank.
 
     Build it with :meth:`for_optimizer`; call :meth:`apply` on **every rank** after every backward (it runs
     at most one collective per shard group, the same number on every rank).
     """
 
-    def __init__(self, groups: list[ReduceGroup], dense: GCPlan | None) -> None:
-        self.groups = groups
+    def __init__(self, groups: list[ReduceGroup], dense: GCPlan | None, selection: Selection | None = None) -> None:
+        super().__init__(groups, selection)
         self.dense = dense
-
-    @property
-    def targets(self) -> list[PieceTarget]:
-        """Every FSDP-managed parameter GC applies to."""
-        return [t for g in self.groups for t in g.targets]
 
     @classmethod
     def for_optimizer(
@@ -157,40 +168,41 @@ class FlatShardPlan:
                 f" {', '.join(TESTED_TORCH_VERSIONS)}; this is torch {torch.__version__}. Shard ranges are"
                 " cross-checked against that metadata on every rank, and a mismatch raises."
             )
-        module_names = _module_names(module, root)
+        owner_index = OwnerIndex(module, root)
         selector = config.selector()
         param_groups = optimizer.param_groups if optimizer is not None else [{"params": list(module.parameters())}]
         candidates, leftovers = _candidates(param_groups, handles, strategy_name)
-        names: list[str] = []
+        choices = []
         groups: dict[int, ReduceGroup] = {}
         decays: dict[int, float] = {}
         for handle, index, orig, param_group in candidates:
             flat_param = handle.flat_param
             param_name, owner_module, _ = flat_param._param_infos[index]
-            prefix = module_names.get(id(owner_module), "")
-            name = f"{prefix}.{param_name}" if prefix else param_name
-            names.append(name)
-            shape = tuple(flat_param._shapes[index])
-            layout = selector.layout_for(Owner(name, owner_module, param_name), len(shape))
-            if layout is None or not (orig if orig is not None else flat_param).requires_grad:
+            owner = owner_index.owner(owner_module, param_name)
+            requires_grad = (orig if orig is not None else flat_param).requires_grad
+            choice = selector.decide(owner, flat_param._shapes[index], requires_grad)
+            choices.append(choice)
+            if not choice.selected or choice.layout is None:
                 continue
             if config.centralize_weight_decay and optimizer is not None and id(param_group) not in decays:
-                decays[id(param_group)] = _decay_for_group(optimizer, param_group, warn)
-            rows = FlatRows(shape, tuple(flat_param._strides[index]), layout, config.mode)
-            target = _target(handle, index, orig, name, rows, decays.get(id(param_group), 0.0))
+                decays[id(param_group)] = decay_for_group(optimizer, param_group, warn)
+            rows = FlatRows(choice.shape, tuple(flat_param._strides[index]), choice.layout, config.mode)
+            target = _target(handle, index, orig, choice.name, rows, decays.get(id(param_group), 0.0))
             key = -1 if _replicated(handle) else id(handle.process_group)
             if key not in groups:
-                dtype = accumulation_dtype(handle.flat_param.dtype)
+                dtype = row_sum_dtype(handle.flat_param.dtype)
                 groups[key] = ReduceGroup(handle.process_group, handle.device, dtype, _replicated(handle))
             groups[key].targets.append(target)
-        selector.track_names(names)
         dense = _dense_plan(optimizer, module, config, leftovers, strategy_name)
-        selected = [t for g in groups.values() for t in g.targets] + (dense.targets if dense else [])
+        if dense is not None and dense.selection is not None:
+            choices += dense.selection.choices
+        names = [c.name for c in choices]
+        selection = Selection([], choices, selector.unmatched_patterns(names), selector.unmatched_modules(module))
         what = f"{type(optimizer).__name__} optimizer" if optimizer is not None else type(module).__name__
-        _warn_about_selection(selector, selected, what, warn)  # type: ignore[arg-type]
+        warn_about_selection(selection, what, warn)
         for group in groups.values():
             group.assign_slots()
-        return cls(list(groups.values()), dense)
+        return cls(list(groups.values()), dense, selection)
 
     def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats:
         """Centralize every planned gradient piece in place; call on every rank.
@@ -209,15 +221,7 @@ class FlatShardPlan:
             stats.elements += dense.elements
             if dense.grad_sq is not None and dense.removed_sq is not None:
                 parts.append((dense.grad_sq * grad_scale**2, dense.removed_sq * grad_scale**2))
-        present = [p for p in parts if p is not None]
-        if compute_stats and present:
-            stats.grad_sq = sum(p[0].float().cpu() for p in present) / grad_scale**2  # type: ignore[assignment]
-            stats.removed_sq = sum(p[1].float().cpu() for p in present) / grad_scale**2  # type: ignore[assignment]
-        return stats
-
-    def bytes_per_step(self, compute_stats: bool = False) -> int:
-        """Bytes each rank contributes to this plan's all-reduces per step (0 when nothing is cut)."""
-        return sum(g.buffer_numel(compute_stats) * torch.finfo(g.dtype).bits // 8 for g in self.groups)
+        return self.with_totals(stats, parts, compute_stats, grad_scale)
 
 
 def fsdp_handles(root: nn.Module) -> list[Any]:
@@ -334,27 +338,14 @@ def _replicated(handle: Any) -> bool:
     return not handle.uses_sharded_strategy or handle.world_size == 1
 
 
-def _module_names(module: nn.Module, root: nn.Module) -> dict[int, str]:
-    """Clean qualified names (FSDP and checkpoint wrappers stripped) of ``module``'s submodules."""
-    from torch.distributed.fsdp._common_utils import clean_tensor_name
-
-    names: dict[int, str] = {}
-    for tree in (module, root):
-        for name, sub in tree.named_modules(remove_duplicate=False):
-            cleaned = clean_tensor_name(name + ".x")[:-2] if name else ""
-            names.setdefault(id(sub), cleaned.rstrip("."))
-    return names
-
-
 def _dense_plan(
     optimizer: Optimizer | None, module: nn.Module, config: GCConfig, leftovers: set[int], strategy_name: str
 ) -> GCPlan | None:
     """Parameters FSDP does not manage (``ignored_states``) keep their full gradients: dense GC."""
     if not leftovers:
         return None
-    if optimizer is None:
-        params = [p for p in module.parameters() if id(p) in leftovers]
-        targets = [PlannedTarget(t) for t in config.selector().select_from_module(module, params)]
-        return GCPlan(targets, config.mode, lambda message: None, strategy_name)
     # the FSDP plan warns about the selection as a whole
-    return GCPlan.for_config(optimizer, module, config, lambda message: None, strategy_name, only=leftovers)
+    selection = select(module, config, optimizer, only=leftovers)
+    return GCPlan(
+        selection.targets, config.mode, warn=lambda message: None, strategy_name=strategy_name, selection=selection
+    )

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from lightning_gc.errors import UnsupportedGradientLayoutError
+
 if TYPE_CHECKING:
     from lightning_gc.selection import Target
 
-
-class UnsupportedGradientLayoutError(RuntimeError):
-    """GC was asked to centralize a gradient whose layout it does not handle."""
+__all__ = ["UnsupportedGradientLayoutError", "check_dense_gradient"]
 
 
 def check_dense_gradient(target: Target, grad: Tensor, strategy_name: str = "") -> None:

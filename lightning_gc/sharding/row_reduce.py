@@ -14,13 +14,17 @@ rank issues the same collective even where it holds no piece of some weight.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
+
+if TYPE_CHECKING:
+    from lightning_gc.diagnostics import GCStats
+    from lightning_gc.selection import Selection
 
 
 def _no_slots() -> Tensor:
@@ -112,11 +116,13 @@ class ReduceGroup:
         ``grad_scale`` is the loss scale still in the gradients: it scales the decay compensation; the
         returned squares are *not* unscaled.
         """
-        live = [(t, g) for t in self.targets if (g := t.grad()) is not None]
-        sums = [t.piece.sums(g, self.dtype) for t, g in live]  # type: ignore[union-attr]
+        live = [(t, g) for t in self.targets if t.piece is not None and (g := t.grad()) is not None]
+        sums = [t.piece.sums(g, self.dtype) for t, g in live]  # type: ignore[union-attr]  # narrowed just above
         weight_sums = {
-            id(t): t.piece.sums(w, self.dtype) for t in self.targets if t.decay and (w := t.weight()) is not None
-        }  # type: ignore[union-attr]
+            id(t): t.piece.sums(w, self.dtype)
+            for t in self.targets
+            if t.decay and t.piece is not None and (w := t.weight()) is not None
+        }
         grad_sq = removed_local = None
         if compute_stats:
             grad_sq, removed_local = self._local_stats(live, sums)
@@ -199,6 +205,39 @@ def _localize_slots(target: PieceTarget, device: torch.device) -> None:
         target.weight_slots = target.weight_slots.index_select(0, keep).to(device)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Row sums of ``dtype`` weights accumulate in float64 for float64, float32 otherwise."""
+def row_sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Row sums of ``dtype`` pieces accumulate in float64 for float64, float32 otherwise (they cross ranks)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class PieceShardPlan:
+    """The base of FSDP1's and ZeRO's plans: reduce groups of pieces, totals identical on every rank.
+
+    Args:
+        groups: the reduce groups (one all-reduce each per step at most).
+        selection: what the selection decided, for the report.
+    """
+
+    def __init__(self, groups: list[ReduceGroup], selection: Selection | None = None) -> None:
+        self.groups = groups
+        self.selection = selection
+
+    @property
+    def targets(self) -> list[PieceTarget]:
+        """Every parameter GC applies to through the pieces."""
+        return [t for g in self.groups for t in g.targets]
+
+    def bytes_per_step(self, compute_stats: bool = False) -> int:
+        """Bytes each rank contributes to this plan's all-reduces per step (0 when nothing is cut)."""
+        return sum(g.buffer_numel(compute_stats) * torch.finfo(g.dtype).bits // 8 for g in self.groups)
+
+    @staticmethod
+    def with_totals(
+        stats: GCStats, parts: list[tuple[Tensor, Tensor] | None], compute_stats: bool, scale: float
+    ) -> GCStats:
+        """``stats`` with the groups' ``(grad_sq, removed_sq)`` parts summed and unscaled, when measured."""
+        present = [p for p in parts if p is not None]
+        if compute_stats and present:
+            stats.grad_sq = sum(p[0].float().cpu() for p in present) / scale**2  # type: ignore[assignment]
+            stats.removed_sq = sum(p[1].float().cpu() for p in present) / scale**2  # type: ignore[assignment]
+        return stats

@@ -14,8 +14,7 @@ from torch import nn
 
 from lightning_gc import native
 from lightning_gc.native import build
-from lightning_gc.plan import GCPlan
-from lightning_gc.selection import Selector
+from lightning_gc.plan import GCPlan, dense_plan
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def centralized_by_a_plan() -> GCPlan:
     model = nn.Linear(30, 7)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     model.weight.grad = torch.randn(7, 30) + torch.arange(7.0)[:, None]
     expected = gc_reference(model.weight.grad)
     plan.apply()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from kernel_calls import call_kernel
@@ -9,9 +11,10 @@ from reference import gc_reference, row_mean_reference, ulp_tolerance
 from torch import nn
 
 from lightning_gc import native
+from lightning_gc.config import GCConfig
 from lightning_gc.native.route import NativeRoute
-from lightning_gc.plan import GCPlan, PlannedTarget
-from lightning_gc.selection import Selector
+from lightning_gc.plan import GCPlan, dense_plan
+from lightning_gc.selection import select
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -128,7 +131,7 @@ def expected_gc(name: str, grad: torch.Tensor) -> torch.Tensor:
 
 def test_route_takes_contiguous_units_and_leaves_the_rest_to_the_eager_route(fused):
     model = Net()
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     route = plan._executor.native
     assert isinstance(route, NativeRoute)
     names = [name for name, p in model.named_parameters() if p.ndim >= 2]
@@ -142,7 +145,7 @@ def test_route_takes_contiguous_units_and_leaves_the_rest_to_the_eager_route(fus
 def test_gradient_with_other_strides_than_its_parameter_is_declined_and_still_centralized(fused):
     model = Net()
     model.conv.weight.data = model.conv.weight.data.contiguous(memory_format=torch.channels_last)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     assert len(plan._executor.native.indices) == 2  # channels_last units are contiguous too
     for channels_last in (True, False):  # matching strides, then contiguous grads: declined, eager
         before = fill(model, seed=int(channels_last), channels_last=channels_last)
@@ -154,7 +157,7 @@ def test_gradient_with_other_strides_than_its_parameter_is_declined_and_still_ce
 def test_float16_stays_eager_where_the_cpu_cannot_convert_it(fused, monkeypatch):
     monkeypatch.setattr(fused, "supports_float16", False)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).half())
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     assert plan._executor.native.indices == [0]
     before = fill(model, seed=5)
     plan.apply()
@@ -164,8 +167,8 @@ def test_float16_stays_eager_where_the_cpu_cannot_convert_it(fused, monkeypatch)
 
 def test_decayed_units_use_the_current_weights_and_loss_scale(fused):
     model = nn.Linear(20, 6)
-    targets = [PlannedTarget(t, decay=0.1) for t in Selector().select_from_module(model)]
-    plan = GCPlan(targets, "channel", warn=print)
+    targets = [replace(t, decay=0.1) for t in select(model, GCConfig()).targets]
+    plan = GCPlan(targets, "channel")
     assert plan._executor.native.decayed == [0]
     for step in range(2):
         with torch.no_grad():
@@ -178,7 +181,7 @@ def test_decayed_units_use_the_current_weights_and_loss_scale(fused):
 
 def test_written_gradients_count_as_modified_in_place(fused):
     model = nn.Linear(10, 4)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     fill(model)
     version = model.weight.grad._version
     plan.apply()
@@ -188,7 +191,7 @@ def test_written_gradients_count_as_modified_in_place(fused):
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
 def test_gradients_that_require_grad_take_the_differentiable_eager_route(fused):
     model = nn.Linear(6, 3)
-    plan = GCPlan.for_module(model, Selector(), "channel")
+    plan = dense_plan(model)
     x = torch.randn(5, 6)
     (model(x) ** 2).sum().backward(create_graph=True)
     grad = model.weight.grad

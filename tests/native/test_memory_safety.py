@@ -63,10 +63,9 @@ def test_a_gradient_whose_storage_shrank_under_it_is_declined():
     run_snippet("""
         import torch
         from torch import nn
-        from lightning_gc.plan import GCPlan
-        from lightning_gc.selection import Selector
+        from lightning_gc.plan import dense_plan
         model = nn.Linear(64, 32)
-        plan = GCPlan.for_module(model, Selector(), "channel")
+        plan = dense_plan(model)
         model.weight.grad = torch.randn(32, 64) + 1
         plan.apply()
         route = plan._executor.native
@@ -87,11 +86,10 @@ def test_a_parameter_with_grad_dtype_is_planned_by_its_gradients_dtype():
         from torch import nn
         from lightning_gc import centralize_gradients
         from lightning_gc.native.route import DTYPE_CODES
-        from lightning_gc.plan import GCPlan
-        from lightning_gc.selection import Selector
+        from lightning_gc.plan import dense_plan
         model = nn.Linear(300, 7).to(torch.bfloat16)
         model.weight.grad_dtype = torch.float32
-        plan = GCPlan.for_module(model, Selector(), "channel")
+        plan = dense_plan(model)
         assert plan._executor.native._dtypes[0] == DTYPE_CODES[torch.float32]
         model(torch.randn(5, 300, dtype=torch.bfloat16)).float().pow(2).sum().backward()
         assert model.weight.grad.dtype == torch.float32

@@ -55,7 +55,7 @@ def main(out_dir: str, configs_json: str) -> None:
         )
         loader = torch.utils.data.DataLoader(case.rank_batches(rank)[: config.get("batches")], batch_size=None)
         trainer.fit(lit_net(case, config), loader)
-        plans = [plan for _, plan in gc._plans.values()]
+        plans = gc.plans
         assert len(plans) == 1 and isinstance(plans[0], ZeroPlan), plans
         engine = trainer.strategy.model
         results[config["name"]] = {

@@ -1,7 +1,9 @@
 """The model, data and float64 reference shared by the FSDP/DeepSpeed workers and their tests.
 
 Every weight has an odd number of rows, so flat shards cut rows; transposed convolutions (one grouped)
-put output channels in dim 1, so their rows interleave in the flat layout.
+and a GPT-2-style ``Conv1D`` (weight stored ``(in, out)``) put output units in dim 1, so their rows
+interleave in the flat layout; a ``weight_norm``-parametrized linear layer has a direction centralized like
+its layer and a magnitude that GC never touches.
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ STEPS = 2
 LR = 0.5
 
 
+class Conv1D(nn.Module):
+    """A stand-in named like ``transformers.pytorch_utils.Conv1D`` (GPT-2): weight stored ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
 class Net(nn.Module):
     """A small conv/transposed-conv/linear stack; ``layers`` names its parameters' owners."""
 
@@ -28,11 +46,14 @@ class Net(nn.Module):
         self.gup = nn.ConvTranspose1d(6, 9, 2, groups=3)
         self.fc1 = nn.Linear(9, 15)
         self.fc2 = nn.Linear(15, 13)
-        self.head = nn.Linear(13, 3)
+        self.c1d = Conv1D(11, 13)
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Linear(11, 7))
+        self.head = nn.Linear(7, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.gup(torch.tanh(self.up(torch.tanh(self.conv(x))))))
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(h.mean(dim=-1))))))
+        h = torch.tanh(self.c1d(torch.tanh(self.fc2(torch.tanh(self.fc1(h.mean(dim=-1)))))))
+        return self.head(torch.tanh(self.wn(h)))
 
 
 class Holder(nn.Module):
@@ -74,13 +95,22 @@ def loss_fn(out: Tensor, y: Tensor) -> Tensor:
 
 def gc_reference(name: str, g: Tensor, module: nn.Module, mode: str) -> Tensor:
     """The paper's GC of one weight gradient, written out per layer type (not lightning_gc's code)."""
+    if is_magnitude(name):
+        return g
     if mode == "tensor":
         return g - g.mean()
+    if type(module).__name__ == "Conv1D":  # weight (in, out): one mean per output column
+        return g - g.mean(dim=0, keepdim=True)
     if isinstance(module, nn.ConvTranspose1d):  # weight (in, out // groups, k): one mean per output channel
         groups = module.groups
         v = g.reshape(groups, g.shape[0] // groups, g.shape[1], g.shape[2])
         return (v - v.mean(dim=(1, 3), keepdim=True)).reshape(g.shape)
     return g - g.mean(dim=tuple(range(1, g.ndim)), keepdim=True)
+
+
+def is_magnitude(name: str) -> bool:
+    """The weight-norm magnitude ``g``: GC never touches it."""
+    return name.endswith("parametrizations.weight.original0")
 
 
 def reference_run(
@@ -108,7 +138,7 @@ def reference_run(
         (loss * grad_factor).backward()
         grad_sq = removed_sq = 0.0
         for name, p in net.named_parameters():
-            if p.ndim < 2 or name in exclude or not gc:
+            if p.ndim < 2 or name in exclude or not gc or is_magnitude(name):
                 continue
             module = owners[name]
             grad_sq += p.grad.square().sum().item()

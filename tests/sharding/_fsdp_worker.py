@@ -59,7 +59,7 @@ def main(out_dir: str, configs_json: str) -> None:
         )
         loader = torch.utils.data.DataLoader(case.rank_batches(rank), batch_size=None)
         trainer.fit(module, loader)
-        plans = [plan for _, plan in gc._plans.values()]
+        plans = gc.plans
         assert len(plans) == 1 and isinstance(plans[0], FlatShardPlan), plans
         results[config["name"]] = {
             "params": _full_params(trainer.strategy.model),

@@ -88,8 +88,7 @@ def adapter_case(case: Case) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor, init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from lightning_gc.centralize import RowLayout
-    from lightning_gc.plan import PlannedTarget
+    from lightning_gc.layouts import RowLayout
     from lightning_gc.selection import Target
     from lightning_gc.sharding.dtensor import DTensorPlan
     from lightning_gc.sharding.guard import UnsupportedGradientLayoutError
@@ -104,8 +103,8 @@ def adapter_case(case: Case) -> dict[str, Any]:
         param_codes = case.param or tuple("R" if c == "P" else c for c in case.grad)
         param = nn.Parameter(_distribute(weight, mesh, param_codes))
         param.grad = _distribute(grad, mesh, case.grad)
-    target = Target(param, "layer.weight", RowLayout(case.out_dim, case.groups))
-    plan = DTensorPlan([PlannedTarget(target, case.decay)], case.mode)  # type: ignore[arg-type]
+    target = Target(param, "layer.weight", RowLayout((case.out_dim,), case.groups), case.decay)
+    plan = DTensorPlan([target], case.mode)  # type: ignore[arg-type]
 
     reduced: list[int] = []
     original_all_reduce = dist.all_reduce
@@ -133,6 +132,62 @@ def adapter_case(case: Case) -> dict[str, Any]:
         "removed_sq": float(stats.removed_sq),
         "tensors": stats.tensors,
         "elements": stats.elements,
+    }
+
+
+class Conv1D(nn.Module):
+    """A stand-in named like ``transformers.pytorch_utils.Conv1D`` (GPT-2): weight stored ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+def registry_layers() -> nn.Module:
+    """A GPT-2-style Conv1D and a weight-norm-parametrized linear layer, as the layout registry sees them."""
+    torch.manual_seed(0)
+    return nn.Sequential(Conv1D(5, 7), nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)))
+
+
+def registry_layers_grads() -> dict[str, torch.Tensor]:
+    """Float64 gradients with a different non-zero mean along every axis, by parameter name."""
+    gen = torch.Generator().manual_seed(3)
+    grads = {}
+    for name, p in registry_layers().named_parameters():
+        grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        for d in range(grad.ndim):
+            view = [1] * grad.ndim
+            view[d] = -1
+            grad = grad + 2 * torch.randn(grad.shape[d], generator=gen, dtype=torch.float64).view(view)
+        grads[name] = grad
+    return grads
+
+
+def registry_layers_case(placement: str) -> dict[str, Any]:
+    """Shard every parameter with ``placement`` and centralize through the DTensor adapter's own selection."""
+    from torch.distributed.tensor import DTensor, init_device_mesh
+
+    from lightning_gc.config import GCConfig
+    from lightning_gc.sharding.dtensor import DTensorAdapter
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = registry_layers()
+    grads = registry_layers_grads()
+    for name, p in list(model.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        codes = (placement,) if p.ndim > int(placement[1:]) else ("R",)
+        param = nn.Parameter(_distribute(p.detach().double().float(), mesh, codes))
+        param.grad = _distribute(grads[name].float(), mesh, codes)
+        model.get_submodule(owner).register_parameter(attr, param)
+    plan = DTensorAdapter().build_plan(GCConfig(), module=model)
+    plan.apply()
+    return {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).double().numpy()
+        for n, p in model.named_parameters()
     }
 
 

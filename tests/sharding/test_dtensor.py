@@ -65,6 +65,23 @@ def test_adapter_centralizes_exactly_and_reduces_only_row_sums(ranks, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("placement", ["S0", "S1"])
+def test_conv1d_and_parametrized_layers_are_centralized_along_their_real_output_dims(ranks, placement):
+    from dtensor_scenarios import registry_layers_case, registry_layers_grads
+
+    grads = registry_layers_grads()
+    expected = {
+        "0.weight": grads["0.weight"] - grads["0.weight"].mean(dim=0, keepdim=True),  # (in, out): per column
+        "1.parametrizations.weight.original1": grads["1.parametrizations.weight.original1"]
+        - grads["1.parametrizations.weight.original1"].mean(dim=1, keepdim=True),
+    }
+    for result in ranks.run(registry_layers_case, placement):
+        for name, grad in grads.items():
+            want = expected.get(name, grad)  # biases and the weight-norm magnitude: untouched
+            torch.testing.assert_close(torch.from_numpy(result[name]), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 def test_partial_gradient_is_left_in_the_weights_layout(ranks):
     results = ranks.run(adapter_case, Case((7, 5), ("P",), param=("S0",)))
     assert all(r["placements"] == "(Shard(dim=0),)" for r in results)
@@ -175,15 +192,14 @@ def test_lightning_refuses_the_precisions_the_support_matrix_marks_refused(preci
 def test_dtensor_plan_on_plain_gradients_in_one_process_is_dense_gc():
     from reference import gc_reference
 
-    from lightning_gc.centralize import RowLayout
-    from lightning_gc.plan import PlannedTarget
+    from lightning_gc.layouts import RowLayout
     from lightning_gc.selection import Target
     from lightning_gc.sharding.dtensor import DTensorPlan
 
     param = torch.nn.Parameter(torch.randn(4, 3, 2))
     param.grad = torch.randn(4, 3, 2)
     before = param.grad.clone()
-    stats = DTensorPlan([PlannedTarget(Target(param, "w", RowLayout(out_dim=1)))], "channel").apply(compute_stats=True)
+    stats = DTensorPlan([Target(param, "w", RowLayout(out_dims=(1,)))], "channel").apply(compute_stats=True)
     torch.testing.assert_close(param.grad.double(), gc_reference(before, out_dim=1))
     assert stats.grad_sq == pytest.approx(float(before.square().sum()), rel=1e-6)
 
@@ -205,4 +221,4 @@ def test_an_unknown_placement_is_refused_naming_the_parameter():
 
     grad = type("FakeGrad", (), {"device_mesh": Mesh(), "placements": (Interleaved(),), "shape": torch.Size((4, 3))})
     with pytest.raises(UnsupportedGradientLayoutError, match=r"`blocks.0.weight`.*Interleaved"):
-        _Layout.of(grad, "blocks.0.weight", out_dim=0, conv_groups=1, mode="channel")
+        _Layout.of(grad, "blocks.0.weight", out_dims=(0,), conv_groups=1, mode="channel")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_gc.centralize import RowLayout
+from lightning_gc.layouts import RowLayout
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
 
 # (shape, channels_last, layout): linear, conv, channels-last conv, transposed conv, grouped transposed conv
@@ -13,9 +13,11 @@ CASES = [
     ((15, 13), False, RowLayout()),
     ((7, 3, 5), False, RowLayout()),
     ((5, 3, 3, 3), True, RowLayout()),
-    ((5, 7, 3), False, RowLayout(out_dim=1)),
-    ((6, 3, 2, 2), False, RowLayout(out_dim=1, groups=3)),
-    ((6, 3, 2, 2), True, RowLayout(out_dim=1, groups=3)),
+    ((5, 7, 3), False, RowLayout(out_dims=(1,))),
+    ((6, 3, 2, 2), False, RowLayout(out_dims=(1,), groups=3)),
+    ((6, 3, 2, 2), True, RowLayout(out_dims=(1,), groups=3)),
+    ((9, 7), False, RowLayout(out_dims=(1,))),  # transformers' Conv1D: stored (in, out)
+    ((3, 4, 5), False, RowLayout(out_dims=(0, 2))),  # expert-stacked (experts, in, out)
 ]
 
 
@@ -23,11 +25,12 @@ def _reference_gc(g: torch.Tensor, layout: RowLayout, mode: str) -> torch.Tensor
     """GC written out per layout, independent of lightning_gc.centralize."""
     if mode == "tensor":
         return g - g.mean()
-    if layout.out_dim == 1:
+    if layout.groups > 1:
         v = g.reshape(layout.groups, g.shape[0] // layout.groups, *g.shape[1:])
         dims = (1, *range(3, v.ndim))
         return (v - v.mean(dim=dims, keepdim=True)).reshape(g.shape)
-    return g - g.mean(dim=tuple(range(1, g.ndim)), keepdim=True)
+    averaged = tuple(d for d in range(g.ndim) if d not in layout.out_dims)
+    return g - g.mean(dim=averaged, keepdim=True)
 
 
 def _storage_flat(t: torch.Tensor) -> torch.Tensor:

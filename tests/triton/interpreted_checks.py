@@ -12,8 +12,8 @@ import sys
 import torch
 from torch import nn
 
-from lightning_gc.plan import GCPlan
-from lightning_gc.selection import Selector
+from lightning_gc.config import GCConfig
+from lightning_gc.plan import GCPlan, dense_plan
 from lightning_gc.triton_kernel import TritonRoute
 
 TOLERANCE = {
@@ -44,9 +44,9 @@ def layers(count: int, dtype: torch.dtype) -> nn.Sequential:
 
 def route_for(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[GCPlan, TritonRoute]:
     if optimizer is None:
-        plan = GCPlan.for_module(model, Selector(), "channel")
+        plan = dense_plan(model)
     else:
-        plan = GCPlan.for_optimizer(optimizer, Selector(), "channel", module=model, centralize_weight_decay=True)
+        plan = dense_plan(model, GCConfig(centralize_weight_decay=True), optimizer)
     route = TritonRoute(plan._executor.units, devices=("cpu",))
     return plan, route
 

@@ -1,0 +1,138 @@
+"""The one plan cache (lightning_gc.plan_cache), shared by the callback and centralize_gradients."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gc import centralize_gradients
+from lightning_gc.config import GCConfig
+from lightning_gc.plan_cache import PlanCache
+from lightning_gc.sharding.dense import DenseAdapter
+
+COMPILES: list[int] = []
+
+
+@pytest.fixture
+def counting_backend() -> str:
+    """A torch.compile backend that counts compilations and runs the graph as traced."""
+    from torch._dynamo import list_backends, register_backend
+
+    name = "lightning_gc_test_counting_plan_cache"
+    if name not in list_backends(exclude_tags=()):
+
+        @register_backend(name=name)
+        def _count(gm, example_inputs):  # type: ignore[no-untyped-def]
+            COMPILES.append(1)
+            return gm.forward
+
+    COMPILES.clear()
+    return name
+
+
+def _grads(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in model.named_parameters():
+        grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        for d in range(grad.ndim):  # a different non-zero mean along every axis
+            shape = [1] * grad.ndim
+            shape[d] = -1
+            grad = grad + torch.randn(grad.shape[d], generator=gen, dtype=torch.float64).view(shape)
+        p.grad = grad.to(p.dtype)
+        out[name] = grad
+    return out
+
+
+def test_compile_after_an_uncompiled_call_uses_the_compiled_route(counting_backend):
+    """The cache key used to leave `compile` out: the uncompiled plan was reused and nothing compiled."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3))
+    _grads(model, seed=0)
+    centralize_gradients(model)
+    grads = _grads(model, seed=1)
+    centralize_gradients(model, compile=counting_backend)
+    assert len(COMPILES) == 1
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            expected = grads[name] - grads[name].mean(dim=1, keepdim=True)
+            torch.testing.assert_close(p.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_plans_are_reused_until_the_parameters_change():
+    cache, model = PlanCache(), nn.Linear(4, 3)
+    first = cache.plan(DenseAdapter(), GCConfig(), model)
+    assert cache.plan(DenseAdapter(), GCConfig(), model) is first
+    assert cache.builds == 1
+    model.weight = nn.Parameter(torch.zeros(3, 4))
+    assert cache.plan(DenseAdapter(), GCConfig(), model) is not first
+    assert cache.builds == 2
+
+
+@pytest.mark.parametrize("options", [{"mode": "tensor"}, {"compile": "eager"}, {"exclude": "weight"}])
+def test_every_option_that_changes_the_plan_is_in_the_key(options):
+    cache, model = PlanCache(), nn.Linear(4, 3)
+    first = cache.plan(DenseAdapter(), GCConfig(), model)
+    assert cache.plan(DenseAdapter(), GCConfig(**options), model) is not first
+
+
+def test_optimizer_plans_are_keyed_on_the_module_and_the_param_groups():
+    cache = PlanCache()
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = cache.plan(DenseAdapter(), GCConfig(), model, optimizer)
+    assert cache.plan(DenseAdapter(), GCConfig(), model, optimizer) is first
+    assert cache.plan(DenseAdapter(), GCConfig(), model[0], optimizer) is not first  # another module
+    optimizer.param_groups[0]["weight_decay"] = 0.1
+    assert cache.plan(DenseAdapter(), GCConfig(), model, optimizer) is not first
+
+
+def test_bare_parameters_have_no_owner_and_are_planned_every_call():
+    cache, model = PlanCache(), nn.Linear(4, 3)
+    first = cache.plan(DenseAdapter(), GCConfig(), list(model.parameters()))
+    assert cache.plan(DenseAdapter(), GCConfig(), list(model.parameters())) is not first
+    assert len(cache) == 0
+
+
+def test_the_cache_does_not_keep_models_alive():
+    cache, model = PlanCache(), nn.Linear(4, 3)
+    cache.plan(DenseAdapter(), GCConfig(), model)
+    alive = weakref.ref(model)
+    assert len(cache) == 1
+    del model
+    gc.collect()
+    assert alive() is None
+    assert len(cache) == 0
+
+
+def test_callback_and_functional_share_the_cache_class():
+    from lightning_gc import GradientCentralization, functional
+
+    assert isinstance(GradientCentralization()._plans, PlanCache)
+    assert isinstance(functional._PLANS, PlanCache)
+
+
+def test_a_cache_pickles_empty_for_spawned_processes():
+    import pickle
+
+    cache, model = PlanCache(), nn.Linear(4, 3)
+    cache.plan(DenseAdapter(), GCConfig(), model)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert len(copy) == 0 and copy.plans() == []
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_dtype_change_replans_so_means_use_the_new_precision(optimizer, eager_route):
+    model = nn.Linear(6, 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer else None
+    _grads(model, seed=0)
+    centralize_gradients(model, optimizer=opt)
+    model.double()  # the same Parameter objects, now float64
+    grads = _grads(model, seed=1)
+    centralize_gradients(model, optimizer=opt)
+    expected = grads["weight"] - grads["weight"].mean(dim=1, keepdim=True)
+    torch.testing.assert_close(model.weight.grad, expected, rtol=1e-12, atol=1e-12)
