@@ -126,7 +126,34 @@ def check_weight_decay() -> None:
         torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def check_plans_take_the_route_when_asked() -> None:
+    """``LIGHTNING_GC_TRITON=1``: a plan's executor sends every row-layout gradient through one launch per dtype."""
+    import os
+
+    os.environ["LIGHTNING_GC_TRITON"] = "1"
+    generator = torch.Generator().manual_seed(3)
+    for count in (3, 30):
+        model = nn.Sequential(layers(count, torch.float32), nn.ConvTranspose2d(4, 3, 2))
+        plan = dense_plan(model)
+        executor = plan._executor
+        assert executor.triton is not None and len(executor.triton.indices) == count  # not the transposed conv
+        assert executor.native is None or not executor.native.indices
+        for unit in executor.units:
+            unit.param.grad = offset_grad(tuple(unit.param.shape), torch.float32, generator)
+        out_dims = [1 if isinstance(m, nn.ConvTranspose2d) else 0 for m in model.modules() if hasattr(m, "weight")]
+        expected = []
+        for unit, out_dim in zip(executor.units, out_dims):
+            g = unit.param.grad.double()
+            dims = tuple(d for d in range(g.ndim) if d != out_dim)
+            expected.append(g - g.mean(dim=dims, keepdim=True))
+        plan.apply()
+        assert executor.triton.launches == 1, executor.triton.launches
+        for unit, want in zip(executor.units, expected):
+            torch.testing.assert_close(unit.param.grad.double(), want, **TOLERANCE[torch.float32])
+
+
 CHECKS = {
+    "plans": check_plans_take_the_route_when_asked,
     "float32": lambda: check_matches_float64(torch.float32, False),
     "float64": lambda: check_matches_float64(torch.float64, False),
     "float16": lambda: check_matches_float64(torch.float16, False),

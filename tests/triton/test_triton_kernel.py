@@ -22,7 +22,8 @@ needs_triton = pytest.mark.skipif(
 
 @needs_triton
 @pytest.mark.parametrize(
-    "check", ["float32", "float64", "float16", "channels_last", "removed_norm", "launches", "declines", "weight_decay"]
+    "check",
+    ["plans", "float32", "float64", "float16", "channels_last", "removed_norm", "launches", "declines", "weight_decay"],
 )
 def test_interpreted_kernel(check):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
