@@ -36,8 +36,8 @@ from measure import Clock, interleaved_medians, kernel_launches, paired_ratio, p
 from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes
 
 from lightning_gc import centralize_gradients, native
-from lightning_gc.plan import GCPlan
-from lightning_gc.selection import Selector
+from lightning_gc.config import GCConfig
+from lightning_gc.plan import GCPlan, dense_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_gc.json"
@@ -100,7 +100,7 @@ def bench_compiled(row: dict[str, Any], shapes: list, dtype: torch.dtype, device
     """
     model = ParameterSet(shapes, dtype, device)
     grads = model.centralized_grads()
-    compiled = GCPlan.for_module(model, Selector(), "channel", compile=True)
+    compiled = dense_plan(model, GCConfig(compile=True))
     started = time.perf_counter()
     compiled.apply()  # compiles
     compile_s = time.perf_counter() - started
@@ -123,7 +123,7 @@ def eager_plan(model: torch.nn.Module) -> GCPlan:
     previous = os.environ.get(native.ENV_SWITCH)
     os.environ[native.ENV_SWITCH] = "0"
     try:
-        return GCPlan.for_module(model, Selector(), "channel")
+        return dense_plan(model)
     finally:
         if previous is None:
             del os.environ[native.ENV_SWITCH]
