@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import operator
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -19,6 +22,8 @@ from torch import Tensor
 from lightning_gc.native.build import Kernel
 from lightning_gc.unit import Unit
 
+_DTYPE, _SHAPE, _IS_CPU, _REQUIRES_GRAD = (attrgetter(a) for a in ("dtype", "shape", "is_cpu", "requires_grad"))
+_PLAIN = {Tensor}
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 """As the ``LGC_*`` enum in ``kernel.c``."""
 MIN_ENTRIES_PER_THREAD = 1 << 18
@@ -111,6 +116,7 @@ class NativeRoute:
         self._stride: list[tuple[int, ...] | None] = [None] * n
         self._bytes = [0] * n  # bytes from the first entry to one past the last
         self._element_size = [0] * n
+        self._identity = self.indices == list(range(len(units)))  # the executor's grads are the jobs' own
         for j, (_, g) in enumerate(picked):
             self._plan_job(j, *g)
 
@@ -122,26 +128,14 @@ class NativeRoute:
         (``backward(create_graph=True)``: eager in-place ops keep GC differentiable, raw writes would not).
         Appends the squared norm of what was removed to ``removed`` when given.
         """
-        declined, live = [], []
-        pointers = [0] * len(self.indices)
-        expected = zip(self.indices, self._dtype, self._shape, self._stride, self._bytes, self._element_size)
-        for j, (i, dtype, shape, stride, span, size) in enumerate(expected):
-            grad = grads[i]
-            if grad is None:
-                continue
-            if (  # one expression: this runs every step over every job
-                grad.dtype is dtype
-                and grad.stride() == stride
-                and grad.shape == shape
-                and type(grad) is Tensor
-                and grad.is_cpu
-                and not grad.requires_grad
-                and grad.storage_offset() * size + span <= grad.untyped_storage().nbytes()
-            ) or self._replan(j, grad):
-                pointers[j] = grad.data_ptr()
-                live.append(grad)
-            else:
-                declined.append(i)
+        jobs = grads if self._identity else [grads[i] for i in self.indices]
+        declined: list[int]
+        live: list[Tensor]
+        if self._all_as_planned(jobs):  # the common case, checked a list at a time
+            declined, live = [], list(jobs)  # type: ignore[arg-type]  # no None: checked
+            pointers = list(map(Tensor.data_ptr, live))
+        else:
+            declined, live, pointers = self._check_one_by_one(grads)
         for j in self.decayed:
             if pointers[j] and not self._weight_fits(j):
                 pointers[j] = 0
@@ -161,6 +155,50 @@ class NativeRoute:
         if removed is not None:
             removed.append(torch.tensor(removed_sq, dtype=torch.float64))
         return declined
+
+    def _all_as_planned(self, jobs: Sequence[Tensor | None]) -> bool:
+        """Whether every job's gradient is present and exactly as planned, checked with C-level iteration."""
+        if not all(map(operator.is_not, jobs, repeat(None))):
+            return False
+        present: Sequence[Tensor] = jobs  # type: ignore[assignment]
+        if not (
+            list(map(_DTYPE, present)) == self._dtype
+            and list(map(Tensor.stride, present)) == self._stride
+            and list(map(_SHAPE, present)) == self._shape
+            and set(map(type, present)) == _PLAIN
+            and all(map(_IS_CPU, present))
+            and not any(map(_REQUIRES_GRAD, present))
+        ):
+            return False
+        first_byte = map(operator.mul, map(Tensor.storage_offset, present), self._element_size)
+        needed = map(operator.add, first_byte, self._bytes)
+        held = map(torch.UntypedStorage.nbytes, map(Tensor.untyped_storage, present))
+        return all(map(operator.le, needed, held))
+
+    def _check_one_by_one(self, grads: Sequence[Tensor | None]) -> tuple[list[int], list[Tensor], list[int]]:
+        """Check each gradient, re-planning the jobs whose gradient changed; return (declined, live, pointers)."""
+        declined: list[int] = []
+        live: list[Tensor] = []
+        pointers = [0] * len(self.indices)
+        expected = zip(self.indices, self._dtype, self._shape, self._stride, self._bytes, self._element_size)
+        for j, (i, dtype, shape, stride, span, size) in enumerate(expected):
+            grad = grads[i]
+            if grad is None:
+                continue
+            if (  # one expression: this runs every step over every job
+                grad.dtype is dtype
+                and grad.stride() == stride
+                and grad.shape == shape
+                and type(grad) is Tensor
+                and grad.is_cpu
+                and not grad.requires_grad
+                and grad.storage_offset() * size + span <= grad.untyped_storage().nbytes()
+            ) or self._replan(j, grad):
+                pointers[j] = grad.data_ptr()
+                live.append(grad)
+            else:
+                declined.append(i)
+        return declined, live, pointers
 
     def _layout(
         self, unit: Unit, dtype: torch.dtype, shape: Sequence[int], stride: Sequence[int]
