@@ -68,7 +68,7 @@ def storage_span(shape: Sequence[int], strides: Sequence[int]) -> int:
 
     Example:
         >>> storage_span((4, 3), (3, 1)), storage_span((4, 3), (6, 2)), storage_span((0, 3), (3, 1))
-        (12, 22, 0)
+        (12, 23, 0)
     """
     if 0 in shape:
         return 0
