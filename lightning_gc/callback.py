@@ -51,7 +51,7 @@ class GradientCentralization(Callback):
             built-in fused kernel (:mod:`lightning_gc.native`, used without asking) is faster and compiles in
             a fraction of a second; with ``compile`` set, the compiled route takes precedence.
         apply_to: ``"gradient"`` (the paper: centralize ``g`` before the optimizer) or ``"update"``
-            (centralize the optimizer's update instead; see :func:`lightning_gc.centralize_updates`).
+            (centralize the optimizer's update instead; see ``lightning_gc.centralize_updates``).
         layouts: extra layer layouts, registered for every selection (see
             :func:`lightning_gc.register_layout`): mappings ``{"layer": "pkg.module.Class", "param": "weight",
             "out_dims": [1]}`` (also ``groups_attr``, ``reason``; ``out_dims: null`` leaves the parameter

@@ -15,7 +15,9 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_gc.layouts import MODES, Mode
-from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec, Selector
+
+ModuleSpec = str | type
+DEFAULT_EXCLUDED_MODULES: tuple[str, ...] = ("Embedding", "EmbeddingBag")
 
 ApplyTo = Literal["gradient", "update"]
 APPLY_TO: tuple[str, ...] = ("gradient", "update")
@@ -64,10 +66,6 @@ class GCConfig:
 
             compile_backend(self.compile)
         object.__setattr__(self, "_key", self._text())  # read on every step: computed once
-
-    def selector(self) -> Selector:
-        """A :class:`~lightning_gc.selection.Selector` for these options."""
-        return Selector(self.conv_only, self.exclude, self.exclude_modules, self.mode)
 
     def key(self) -> str:
         """A stable text form of the options that change results (the callback's ``state_key``).

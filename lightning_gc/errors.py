@@ -8,6 +8,18 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class _NamedParameter(Protocol):  # a selection.Target, without importing that higher layer
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def param(self) -> Tensor: ...
 
 
 class UnsupportedGradientLayoutError(RuntimeError):
@@ -17,6 +29,21 @@ class UnsupportedGradientLayoutError(RuntimeError):
         >>> issubclass(UnsupportedGradientLayoutError, RuntimeError)
         True
     """
+
+
+def check_dense_gradient(target: _NamedParameter, grad: Tensor, strategy_name: str = "") -> None:
+    """Raise unless ``grad`` is a plain tensor of ``target.param``'s logical shape: the guard of the dense routes.
+
+    Raises:
+        UnsupportedGradientLayoutError: for DTensor gradients, flattened shards and any other shape mismatch.
+    """
+    if type(grad).__name__ == "DTensor" or grad.shape != target.param.shape:
+        where = f" under {strategy_name}" if strategy_name else ""
+        raise UnsupportedGradientLayoutError(
+            f"GradientCentralization cannot centralize `{target.name}`{where}: its gradient is a"
+            f" {type(grad).__name__} of shape {tuple(grad.shape)}, but the parameter's logical shape is"
+            f" {tuple(target.param.shape)}. Centralizing a shard would be silently wrong."
+        )
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

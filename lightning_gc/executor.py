@@ -51,6 +51,7 @@ class Stack:
 
     indices: list[int]
     dims: tuple[int, ...]
+    dtype: torch.dtype
     per_stack: int
     serial_per_stack: int
 
@@ -108,7 +109,7 @@ class Executor:
         for stack in self.stacks:
             # autograd refuses a .grad of another dtype than its parameter, so members share the stack's dtype
             members = [g for i in stack.indices if i not in done and (g := grads[i]) is not None]
-            if len(members) < 2:
+            if len(members) < 2 or any(g.dtype != stack.dtype for g in members):  # see Unit: planned by the grad
                 leftovers.extend(i for i in stack.indices if grads[i] is not None and i not in done)
                 continue
             serial = members[0].device.type == "cpu" and torch.get_num_threads() > 1  # see SERIAL_ELEMENTS
@@ -155,5 +156,5 @@ def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list
         per_stack = stack_size(numel, dtype, budget_bytes)
         serial_per_stack = stack_size(numel, dtype, budget_bytes, serial=True)
         if len(indices) >= 2 and serial_per_stack >= 2:
-            stacks.append(Stack(indices, dims, per_stack, serial_per_stack))
+            stacks.append(Stack(indices, dims, dtype, per_stack, serial_per_stack))
     return stacks

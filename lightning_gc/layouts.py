@@ -73,6 +73,15 @@ class RowLayout:
             return tuple(range(ndim))
         return tuple(d for d in range(ndim) if d not in self.out_dims)
 
+    def output_units(self, shape: Sequence[int], mode: Mode) -> int:
+        """How many means GC takes: one per output unit (per block for ``groups > 1``), one in tensor mode."""
+        if mode == "tensor":
+            return 1
+        total = self.groups
+        for d in self.out_dims:
+            total *= shape[d]
+        return total
+
     def entries_per_unit(self, shape: Sequence[int], mode: Mode) -> int:
         """How many entries one mean is taken over."""
         total = 1
@@ -208,8 +217,15 @@ class LayoutRegistry:
         self._cache: dict[tuple[type, str], LayerLayout | None] = {}
 
     def add(self, entry: LayerLayout) -> None:
-        """Register ``entry``, over any earlier entry for the same class and parameter."""
-        self._entries.append(_canonical(entry))
+        """Register ``entry``, over any earlier entry for the same class and parameter.
+
+        Adding an entry again moves it last instead of growing the registry (a callback built many times).
+        """
+        canonical = _canonical(entry)
+        added = self._entries[self._base :]
+        if canonical in added:
+            del self._entries[self._base + added.index(canonical)]
+        self._entries.append(canonical)
         self._cache.clear()
 
     def remove(self, entry: LayerLayout) -> None:
@@ -221,6 +237,10 @@ class LayoutRegistry:
                 self._base -= 1 if index < self._base else 0
                 break
         self._cache.clear()
+
+    def __len__(self) -> int:
+        """Entries registered so far (the third-party table counts once it is read)."""
+        return len(self._entries)
 
     def entry(self, layer: nn.Module, param: str) -> LayerLayout | None:
         """The entry for ``layer.<param>``: the most derived class in ``layer``'s MRO that has one."""

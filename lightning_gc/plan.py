@@ -8,18 +8,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
+from lightning_gc.errors import check_dense_gradient
 from lightning_gc.errors import warn as warn_user
 from lightning_gc.executor import Executor
 from lightning_gc.layouts import Mode
 from lightning_gc.selection import Selection, Target, select
-from lightning_gc.sharding.guard import check_dense_gradient
 from lightning_gc.unit import Unit
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
-
-    from lightning_gc.config import GCConfig
 
 Warn = Callable[[str], None]
 
@@ -141,8 +140,6 @@ def dense_plan(
         >>> [t.name for t in dense_plan(nn.Sequential(nn.Linear(3, 2))).targets]
         ['0.weight']
     """
-    from lightning_gc.config import GCConfig
-
     config = config if config is not None else GCConfig()
     selection = select(model_or_params, config, optimizer, warn=warn)
     return GCPlan(selection.targets, config.mode, compile=config.compile, warn=warn, selection=selection)

@@ -55,15 +55,9 @@ class PlanCache:
         """The cached plan for these arguments, or a fresh one from ``adapter`` (cached when it has an owner)."""
         module = model_or_params if isinstance(model_or_params, nn.Module) else None
         params = None if isinstance(model_or_params, nn.Module) else list(model_or_params)
-
-        def build() -> AppliesGC:
-            self.builds += 1
-            kwargs = {} if warn is None else {"warn": warn}
-            return adapter.build_plan(config, optimizer=optimizer, module=module, params=params, **kwargs)
-
         owner = optimizer if optimizer is not None else module
         if owner is None:
-            return build()
+            return self._build(adapter, config, optimizer, module, params, warn)
         key = (config.plan_key(), type(adapter).__name__, id(module) if optimizer is not None else None)
         if optimizer is None:
             signature: Hashable = module_signature(module)  # type: ignore[arg-type]
@@ -75,9 +69,25 @@ class PlanCache:
         cached = plans.get(key)
         if cached is not None and cached[0] == signature:
             return cached[1]
-        plan = build()
-        plans[key] = (signature, plan)
+        plan = self._build(adapter, config, optimizer, module, params, warn)
+        selection = getattr(plan, "selection", None)
+        if selection is None or not selection.provisional:  # Lazy layers keep their ids when they get a shape
+            plans[key] = (signature, plan)
         return plan
+
+    def _build(
+        self,
+        adapter: LayoutAdapter,
+        config: GCConfig,
+        optimizer: Optimizer | None,
+        module: nn.Module | None,
+        params: list[nn.Parameter] | None,
+        warn: Warn | None,
+    ) -> AppliesGC:
+        self.builds += 1
+        if warn is None:
+            return adapter.build_plan(config, optimizer=optimizer, module=module, params=params)
+        return adapter.build_plan(config, optimizer=optimizer, module=module, params=params, warn=warn)
 
     def plans(self) -> list[AppliesGC]:
         """Every plan cached now (for inspection: which adapter, which targets, bytes communicated)."""

@@ -31,14 +31,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from lightning_gc.config import DEFAULT_EXCLUDED_MODULES, GCConfig, ModuleSpec
 from lightning_gc.layouts import DIM0, REGISTRY, Mode, RowLayout
+from lightning_gc.weight_decay import decay_for_group
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
-    from lightning_gc.config import GCConfig
+__all__ = ["DEFAULT_EXCLUDED_MODULES", "Choice", "ModuleSpec", "Owner", "Selection", "Selector", "Target", "select"]
 
-ModuleSpec = str | type
 Decision = Literal["centralized", "assumed", "skipped"]
 Warn = Callable[[str], None]
 
@@ -50,7 +51,6 @@ CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
-DEFAULT_EXCLUDED_MODULES: tuple[str, ...] = ("Embedding", "EmbeddingBag")
 TOKEN_PARAMETERS: tuple[str, ...] = (
     "pos_embed*",
     "*position_embedding*",
@@ -145,6 +145,11 @@ class Selection:
     unmatched_modules: list[str] = field(default_factory=list)
 
     @property
+    def provisional(self) -> bool:
+        """Whether a Lazy layer had no shape yet: a plan from this selection must not be reused once it has one."""
+        return any(c.shape == () and c.reason.startswith("uninitialized") for c in self.choices)
+
+    @property
     def assumed(self) -> list[Choice]:
         """Parameters centralized by the dim-0 rule because no layout is registered for them."""
         return [c for c in self.choices if c.decision == "assumed"]
@@ -169,6 +174,11 @@ class Selector:
     exclude: Sequence[str] = ()
     exclude_modules: Sequence[ModuleSpec] = DEFAULT_EXCLUDED_MODULES
     mode: Mode = "channel"
+
+    @classmethod
+    def of(cls, config: GCConfig) -> Selector:
+        """The selector for ``config``'s options."""
+        return cls(config.conv_only, config.exclude, config.exclude_modules, config.mode)
 
     def decide(self, owner: Owner, shape: Sequence[int], requires_grad: bool = True) -> Choice:
         """The decision for a parameter of logical ``shape`` owned by ``owner``."""
@@ -268,15 +278,13 @@ def select(
         >>> [(t.name, t.layout.out_dims) for t in select(model, GCConfig()).targets]
         [('1.weight', (0,))]
     """
-    from lightning_gc.weight_decay import decay_for_group
-
     module = model_or_params if isinstance(model_or_params, nn.Module) else None
     given = None if module is not None else list(_unique(model_or_params))  # type: ignore[arg-type]
     if given is not None and config.conv_only:
         raise ValueError(
             "`conv_only=True` needs module types: pass the model (an `nn.Module`), not an iterable of parameters"
         )
-    selector = config.selector()
+    selector = Selector.of(config)
     owners = owners_of(module) if module is not None else {p: Owner(f"param_{i}") for i, p in enumerate(given or ())}
     if given is not None and only is None and optimizer is not None:
         only = {id(p) for p in given}

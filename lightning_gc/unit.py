@@ -45,6 +45,7 @@ class Unit:
     dims: tuple[int, ...]
     unit_dim: int | None
     single_unit_dim: bool = True
+    dtype: torch.dtype = field(init=False)
     acc: torch.dtype = field(init=False)
     staged: bool = field(init=False)
     block_elements: int = field(init=False)
@@ -71,6 +72,7 @@ class Unit:
         if self.groups > 1:
             shape = (self.groups, shape[0] // self.groups, *shape[1:])
         self.output_units = math.prod(size for d, size in enumerate(shape) if d not in self.dims)
+        self.dtype = self.param.dtype
         self.acc = accumulation_dtype(self.param.dtype)
         self.staged = needs_scratch(self.param)
         big = self.numel * self.param.element_size() > BLOCK_MIN_BYTES and self.param.device.type == "cpu"
@@ -79,6 +81,8 @@ class Unit:
 
     def centralize_(self, grad: Tensor, scratch: Tensor | None, grad_scale: float) -> Tensor:
         """Centralize ``grad`` on its own; return the mean removed."""
+        if grad.dtype != self.dtype:
+            return self._centralize_other_dtype_(grad, grad_scale)
         if self.direct:  # the common case, kept to two operator calls
             mean = grad.mean(dim=self.dims, keepdim=True, dtype=self.acc)
             grad.sub_(mean)
@@ -93,4 +97,15 @@ class Unit:
             scratch if self.staged else None,
             weight,
             self.decay * grad_scale,
+        )
+
+    def _centralize_other_dtype_(self, grad: Tensor, grad_scale: float) -> Tensor:
+        """A gradient whose dtype is not its parameter's (``param.grad_dtype``): planned by the gradient, now."""
+        scratch = None
+        if needs_scratch(grad):
+            scratch = torch.empty(max(1, min(grad.numel(), DEFAULT_BLOCK_BYTES // 4)), dtype=torch.float32)
+        block_elements = scratch.numel() if scratch is not None else max(1, DEFAULT_BLOCK_BYTES // grad.element_size())
+        weight = self.view(self.param.detach().to(grad.dtype)) if self.decay else None
+        return centralize_view_(
+            self.view(grad), self.dims, self.unit_dim, block_elements, scratch, weight, self.decay * grad_scale
         )

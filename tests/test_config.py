@@ -90,18 +90,13 @@ def test_describe_refuses_unknown_options_naming_them():
 
 
 def test_unmatched_exclude_modules_warn_like_unmatched_patterns():
+    from models import TinyModule, loader, make_batches, trainer
+
     with pytest.warns(UserWarning, match=r"`exclude_modules` entries matched no module: \['NoSuchModule'\]"):
         centralize_gradients(_model(), exclude_modules=["NoSuchModule"])
     with pytest.warns(UserWarning, match=r"`exclude_modules` entries matched no module: \['NoSuchModule'\]"):
-        GradientCentralization(exclude_modules=["NoSuchModule"])._plan_for(
-            torch.optim.SGD(_model().parameters(), lr=0.1), _model(), _StrategyOnly()
-        )
-
-
-class _StrategyOnly:
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
-    strategy = SingleDeviceStrategy(device=torch.device("cpu"))
+        callback = GradientCentralization(exclude_modules=["NoSuchModule"])
+        trainer(callbacks=[callback]).fit(TinyModule(), loader(make_batches(1)))
 
 
 def test_the_default_embedding_exclusion_never_warns(recwarn):

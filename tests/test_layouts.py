@@ -335,3 +335,12 @@ def test_layouts_with_several_output_dims_are_exact_on_every_route():
 
 def _reason(model: nn.Module, name: str) -> str:
     return next(r.reason for r in describe(model).rows if r.name == name)
+
+
+def test_registering_the_same_entry_twice_keeps_one():
+    before = len(REGISTRY)
+    first = register_layout("pkg.mod.Twice", "w", out_dims=(1,))
+    second = register_layout("pkg.mod.Twice", "w", out_dims=(1,))
+    assert first == second and len(REGISTRY) == before + 1
+    unregister_layout(first)
+    assert len(REGISTRY) == before

@@ -109,11 +109,20 @@ def test_the_cache_does_not_keep_models_alive():
     assert len(cache) == 0
 
 
-def test_callback_and_functional_share_the_cache_class():
-    from lightning_gc import GradientCentralization, functional
+def test_the_callback_plans_through_the_cache_and_picks_the_adapter_from_the_strategy():
+    from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    assert isinstance(GradientCentralization()._plans, PlanCache)
-    assert isinstance(functional._PLANS, PlanCache)
+    from lightning_gc import GradientCentralization
+
+    class TrainerStub:
+        strategy = SingleDeviceStrategy(device=torch.device("cpu"))
+
+    callback, model = GradientCentralization(), nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert callback.plans == []
+    first = callback._plan_for(optimizer, model, TrainerStub())  # what on_before_optimizer_step calls
+    assert callback._plan_for(optimizer, model, TrainerStub()) is first
+    assert callback.plans == [first]
 
 
 def test_a_cache_pickles_empty_for_spawned_processes():
@@ -136,3 +145,13 @@ def test_a_dtype_change_replans_so_means_use_the_new_precision(optimizer, eager_
     centralize_gradients(model, optimizer=opt)
     expected = grads["weight"] - grads["weight"].mean(dim=1, keepdim=True)
     torch.testing.assert_close(model.weight.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_plan_made_before_a_lazy_layer_has_its_shape_is_not_reused():
+    cache, model = PlanCache(), nn.Sequential(nn.LazyLinear(3))
+    before = cache.plan(DenseAdapter(), GCConfig(), model)
+    assert before.targets == []  # type: ignore[attr-defined]
+    model(torch.randn(2, 5))  # materializes the weight in place: same Parameter object, same id
+    after = cache.plan(DenseAdapter(), GCConfig(), model)
+    assert [t.name for t in after.targets] == ["0.weight"]  # type: ignore[attr-defined]
+    assert cache.plan(DenseAdapter(), GCConfig(), model) is after

@@ -27,7 +27,7 @@ from lightning_gc.config import GCConfig
 from lightning_gc.diagnostics import GCStats
 from lightning_gc.errors import UnsupportedGradientLayoutError
 from lightning_gc.errors import warn as warn_user
-from lightning_gc.selection import Choice, Owner, Selection, owners_of, warn_about_selection
+from lightning_gc.selection import Choice, Owner, Selection, Selector, owners_of, warn_about_selection
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
 from lightning_gc.sharding.row_reduce import PieceShardPlan, PieceTarget, ReduceGroup, row_sum_dtype
 from lightning_gc.weight_decay import decay_for_group
@@ -145,7 +145,7 @@ class ZeroPlan(PieceShardPlan):
                 f" {type(zero).__name__}."
             )
         owners = owners_of(module)
-        selector = config.selector()
+        selector = Selector.of(config)
         choices: list[Choice] = []
         chosen = []
         for index, params in enumerate(lp_groups):

@@ -62,9 +62,7 @@ class FlatRows:
     @property
     def rows(self) -> int:
         """Number of GC rows (output units; 1 in ``"tensor"`` mode)."""
-        if self.mode == "tensor":
-            return 1
-        return self.layout.groups * math.prod(self.shape[d] for d in self.layout.out_dims)
+        return self.layout.output_units(self.shape, self.mode)
 
     @property
     def row_numel(self) -> int:

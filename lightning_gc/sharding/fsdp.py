@@ -33,7 +33,7 @@ from lightning_gc.diagnostics import GCStats
 from lightning_gc.errors import UnsupportedGradientLayoutError
 from lightning_gc.errors import warn as warn_user
 from lightning_gc.plan import GCPlan
-from lightning_gc.selection import OwnerIndex, Selection, select, warn_about_selection
+from lightning_gc.selection import OwnerIndex, Selection, Selector, select, warn_about_selection
 from lightning_gc.sharding.flat_rows import FlatRows, RowSlice
 from lightning_gc.sharding.row_reduce import PieceShardPlan, PieceTarget, ReduceGroup, row_sum_dtype
 from lightning_gc.weight_decay import decay_for_group
@@ -169,7 +169,7 @@ class FlatShardPlan(PieceShardPlan):
                 " cross-checked against that metadata on every rank, and a mismatch raises."
             )
         owner_index = OwnerIndex(module, root)
-        selector = config.selector()
+        selector = Selector.of(config)
         param_groups = optimizer.param_groups if optimizer is not None else [{"params": list(module.parameters())}]
         candidates, leftovers = _candidates(param_groups, handles, strategy_name)
         choices = []
