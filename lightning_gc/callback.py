@@ -170,6 +170,13 @@ class GradientCentralization(Callback):
             self._adapter = adapter_for(trainer.strategy)
         return self._plans.plan(self._adapter, self.config, module, optimizer, rank_zero_warn)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        writer: DiagnosticsWriter | None = self.__dict__.get("_diagnostics")
+        if writer is not None:  # diagnostics held back on a batch Lightning accumulates (see DiagnosticsWriter)
+            writer.flush(trainer)
+
     def _log(self, pl_module: pl.LightningModule, trainer: pl.Trainer, optimizer: Optimizer, stats: GCStats) -> None:
         prefix = "gc/"
         if len(trainer.optimizers) > 1:

@@ -82,6 +82,14 @@ class DiagnosticsWriter:
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}
+        self._pending: dict[str, GCStats] = {}
+
+    def flush(self, trainer: pl.Trainer) -> None:
+        """Write the stats :meth:`write` held back, once ``trainer`` logs again (call at each batch's end)."""
+        if self._pending and not _accumulating(trainer):
+            pending, self._pending = self._pending, {}
+            for prefix, stats in pending.items():
+                self.write(trainer, stats, prefix)
 
     def metrics(self, stats: GCStats, prefix: str, loggers_key: tuple[int, ...]) -> dict[str, float]:
         """The values to write for ``stats``: the counts when they changed for these loggers, the norms if measured."""
@@ -106,7 +114,14 @@ class DiagnosticsWriter:
         return out
 
     def write(self, trainer: pl.Trainer, stats: GCStats, prefix: str = "gc/") -> dict[str, float]:
-        """Write ``stats`` to every logger of ``trainer`` at the current step; return what was written."""
+        """Write ``stats`` to every logger of ``trainer`` at the current step; return what was written.
+
+        On a batch Lightning accumulates (a strategy stepping inside the window, as DeepSpeed does), Lightning
+        logs nothing until the window's last batch: the stats wait for :meth:`flush` there, as logged metrics do.
+        """
+        if _accumulating(trainer):
+            self._pending[prefix] = stats
+            return {}
         loggers = trainer.loggers
         metrics = self.metrics(stats, prefix, tuple(map(id, loggers)))
         if not metrics:
@@ -116,6 +131,11 @@ class DiagnosticsWriter:
             logger.log_metrics(metrics, step=step)
         trainer._logger_connector._logged_metrics.update(metrics)  # type: ignore[arg-type]  # floats, as after convert_tensors_to_scalars
         return metrics
+
+
+def _accumulating(trainer: pl.Trainer) -> bool:
+    """Whether Lightning holds this batch's logged metrics back (it logs at the end of accumulation windows)."""
+    return bool(trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization)
 
 
 def _capturing(device: torch.device) -> bool:
