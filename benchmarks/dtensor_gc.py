@@ -86,8 +86,7 @@ def _measure(name: str, repeats: int) -> dict[str, Any]:
     from torch import nn
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
-    from lightning_gc.centralize import RowLayout
-    from lightning_gc.plan import PlannedTarget
+    from lightning_gc.layouts import RowLayout
     from lightning_gc.selection import Target
     from lightning_gc.sharding.dtensor import DTensorPlan
 
@@ -103,7 +102,7 @@ def _measure(name: str, repeats: int) -> dict[str, Any]:
         params.append(param)
         total += full.numel()
         if centralize:
-            targets.append(PlannedTarget(Target(param, pname, RowLayout(out_dim))))
+            targets.append(Target(param, pname, RowLayout((out_dim,))))
     plan = DTensorPlan(targets, mode)  # type: ignore[arg-type]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 

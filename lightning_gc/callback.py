@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_gc.config import ApplyTo, GCConfig, check_bool
-from lightning_gc.diagnostics import GCStats
+from lightning_gc.diagnostics import DiagnosticsWriter, GCStats
 from lightning_gc.layouts import REGISTRY, LayerLayout, Mode, layouts_from_specs
 from lightning_gc.plan_cache import PlanCache
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, Selection
@@ -187,13 +187,22 @@ class GradientCentralization(Callback):
             self._adapter = adapter_for(trainer.strategy)
         return self._plans.plan(self._adapter, self.config, module, optimizer, rank_zero_warn)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        writer: DiagnosticsWriter | None = self.__dict__.get("_diagnostics")
+        if writer is not None:  # diagnostics held back on a batch Lightning accumulates (see DiagnosticsWriter)
+            writer.flush(trainer)
+
     def _log(self, pl_module: pl.LightningModule, trainer: pl.Trainer, optimizer: Optimizer, stats: GCStats) -> None:
         prefix = "gc/"
         if len(trainer.optimizers) > 1:
             index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
             prefix = f"gc/optimizer{index}/"
-        for name, value in stats.metrics(prefix).items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        writer = self.__dict__.get("_diagnostics")
+        if writer is None:
+            writer = self.__dict__["_diagnostics"] = DiagnosticsWriter()
+        writer.write(trainer, stats, prefix)
 
 
 def _log_text(trainer: pl.Trainer, tag: str, text: str) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # diagnostics stay importable without Lightning's trainer machinery loaded
+    import lightning.pytorch as pl
 
 
 @dataclass
@@ -55,3 +59,85 @@ class GCStats:
             out[f"{prefix}removed_norm_ratio"] = self.removed_norm_ratio  # type: ignore[assignment]
             out[f"{prefix}grad_norm"] = self.grad_norm  # type: ignore[assignment]
         return out
+
+
+class DiagnosticsWriter:
+    """Writes GC's diagnostics straight to a trainer's loggers, as Lightning's ``LearningRateMonitor`` does.
+
+    Going through ``LightningModule.log`` costs Lightning's result-collection bookkeeping per metric
+    (milliseconds on a logging step); a logger's ``log_metrics`` call costs what the logger itself does.
+    The tensor and element counts, which change only with the plan or the set of gradients present, are
+    written when they change (and first for each set of loggers); the two norms are computed on the device
+    and read back together: one host synchronisation per logging step. The values also land in
+    ``trainer.logged_metrics``, as logged metrics do.
+
+    Example:
+        >>> writer = DiagnosticsWriter()
+        >>> stats = GCStats(tensors=1, elements=4, grad_sq=torch.tensor(4.0), removed_sq=torch.tensor(1.0))
+        >>> writer.metrics(stats, "gc/", loggers_key=())
+        {'gc/centralized_tensors': 1.0, 'gc/centralized_elements': 4.0, 'gc/grad_norm': 2.0, 'gc/removed_norm_ratio': 0.5}
+        >>> writer.metrics(stats, "gc/", loggers_key=())  # the counts did not change
+        {'gc/grad_norm': 2.0, 'gc/removed_norm_ratio': 0.5}
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}
+        self._pending: dict[str, GCStats] = {}
+
+    def flush(self, trainer: pl.Trainer) -> None:
+        """Write the stats :meth:`write` held back, once ``trainer`` logs again (call at each batch's end)."""
+        if self._pending and not _accumulating(trainer):
+            pending, self._pending = self._pending, {}
+            for prefix, stats in pending.items():
+                self.write(trainer, stats, prefix)
+
+    def metrics(self, stats: GCStats, prefix: str, loggers_key: tuple[int, ...]) -> dict[str, float]:
+        """The values to write for ``stats``: the counts when they changed for these loggers, the norms if measured."""
+        out: dict[str, float] = {}
+        counts = (stats.tensors, stats.elements)
+        if self._counts.get((prefix, loggers_key)) != counts:
+            self._counts[(prefix, loggers_key)] = counts
+            out[f"{prefix}centralized_tensors"] = float(stats.tensors)
+            out[f"{prefix}centralized_elements"] = float(stats.elements)
+        norm, ratio = stats.grad_norm, stats.removed_norm_ratio
+        if norm is not None and ratio is not None:
+            if _capturing(norm.device):
+                raise RuntimeError(
+                    "GradientCentralization(log_diagnostics=True) cannot log inside a CUDA graph capture: reading the"
+                    " norms needs a host synchronisation, which capture forbids. Pass log_diagnostics=False (or"
+                    " compute_stats=False) for captured steps; GC itself is captured and replayed."
+                )
+            # the step's one host synchronisation, for both values
+            norm_value, ratio_value = torch.stack([norm.float(), ratio.float()]).tolist()
+            out[f"{prefix}grad_norm"] = norm_value
+            out[f"{prefix}removed_norm_ratio"] = ratio_value
+        return out
+
+    def write(self, trainer: pl.Trainer, stats: GCStats, prefix: str = "gc/") -> dict[str, float]:
+        """Write ``stats`` to every logger of ``trainer`` at the current step; return what was written.
+
+        On a batch Lightning accumulates (a strategy stepping inside the window, as DeepSpeed does), Lightning
+        logs nothing until the window's last batch: the stats wait for :meth:`flush` there, as logged metrics do.
+        """
+        if _accumulating(trainer):
+            self._pending[prefix] = stats
+            return {}
+        loggers = trainer.loggers
+        metrics = self.metrics(stats, prefix, tuple(map(id, loggers)))
+        if not metrics:
+            return metrics
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs this batch's metrics at
+        for logger in loggers:
+            logger.log_metrics(metrics, step=step)
+        trainer._logger_connector._logged_metrics.update(metrics)  # type: ignore[arg-type]  # floats, as after convert_tensors_to_scalars
+        return metrics
+
+
+def _accumulating(trainer: pl.Trainer) -> bool:
+    """Whether Lightning holds this batch's logged metrics back (it logs at the end of accumulation windows)."""
+    return bool(trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (never on CPU-only builds)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

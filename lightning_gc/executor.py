@@ -8,6 +8,8 @@ Four routes, all exact (float32 accumulation for half precision, one rounding):
   a handful of operator calls per stack instead of two per tensor;
 - singles: every other gradient on its own, big ones a cache-sized block of output units at a time, half
   precision on CPU through a bounded float32 scratch buffer (:func:`~lightning_gc.centralize.centralize_view_`);
+- triton (opt-in on CUDA, ``LIGHTNING_GC_TRITON=1``): one launch per dtype for every gradient whose output
+  units are contiguous rows (:mod:`lightning_gc.triton_kernel`);
 - compiled (opt-in, taking precedence): one ``torch.compile``'d graph for the gradients without
   weight-decay compensation, a fused read-reduce-subtract kernel per tensor (:mod:`lightning_gc.compiled`).
 
@@ -31,6 +33,7 @@ from lightning_gc.errors import warn as warn_user
 from lightning_gc.native import kernel as native_kernel
 from lightning_gc.native.route import NativeRoute
 from lightning_gc.stacking import centralize_stacked_, stack_size
+from lightning_gc.triton_kernel import triton_route
 from lightning_gc.unit import Unit
 
 MIN_BUDGET_BYTES = 32 << 10
@@ -73,8 +76,10 @@ class Executor:
         means = max((8 * u.output_units for u in units), default=0)
         self.budget_bytes = max(MIN_BUDGET_BYTES, total // BUDGET_FRACTION - means)
         self.compiled = CompiledCentralizer(warn, compile_backend(compile)) if compile is not False else None
+        self.triton = triton_route(units)  # opt-in (LIGHTNING_GC_TRITON=1): CUDA gradients, one launch per dtype
+        gpu = set(self.triton.indices) if self.triton is not None else set()
         # the kernel's rows are indexed by one dim: units with several output dims stay on the eager routes
-        self._kernel_candidates = [i for i, u in enumerate(units) if u.single_unit_dim]
+        self._kernel_candidates = [i for i, u in enumerate(units) if u.single_unit_dim and i not in gpu]
         fused = native_kernel()
         self.native = NativeRoute(fused, [units[i] for i in self._kernel_candidates]) if fused is not None else None
         if self.native is not None and not self.native.indices:
@@ -82,7 +87,7 @@ class Executor:
         if len(self._kernel_candidates) == len(units):
             self._kernel_candidates = []  # the identity: no remapping on every step
         native = {self._unit_index(j) for j in self.native.indices} if self.native is not None else set()
-        eager = [i for i in range(len(units)) if i not in native]
+        eager = [i for i in range(len(units)) if i not in native and i not in gpu]
         self.stacks = _stacks(units, eager, self.budget_bytes)
         stacked = {i for s in self.stacks for i in s.indices}
         self.singles = [i for i in eager if i not in stacked]
@@ -94,6 +99,8 @@ class Executor:
         """
         done = self._run_compiled(grads, removed) if self.compiled is not None else set()
         leftovers: list[int] = []
+        if self.triton is not None:
+            leftovers = self.triton.run([None if i in done else g for i, g in enumerate(grads)], grad_scale, removed)
         if self.native is not None:
             pending = [None if i in done else g for i, g in enumerate(grads)] if done else grads
             if self._kernel_candidates:

@@ -4,8 +4,8 @@
  *
  * Plain C with no PyTorch headers, so that it compiles in a fraction of a second with the system compiler
  * (see build.py) and is called through ctypes. Jobs are described by parallel arrays; a zero gradient
- * pointer skips a job. Sums accumulate in double (eight lanes; half precision in float32 lanes within chunks
- * of 256 entries, in double across chunks), the mean is rounded once to float32 (kept in double for
+ * pointer skips a job. Sums accumulate in double (32 lanes, four independent chains; half precision in
+ * float32 lanes within chunks of 256 entries, in double across chunks), the mean is rounded once to float32 (kept in double for
  * float64), and each entry is rounded once into its dtype: the eager route's result up to summation order.
  * Rows are split across threads by element count; every row is done by one thread in a fixed order, so
  * results do not depend on the number of threads.
@@ -95,10 +95,17 @@ static void store_float16(const float *in, uint16_t *out, int64_t n) {
 }
 #endif
 
+/* 32 double lanes: four independent chains of 8 (one AVX-512 register each, two AVX2 registers), so the
+ * additions' latency overlaps instead of bounding the loop (8 lanes ran at 41 GB/s on rows in cache). */
+#define LGC_LANES 32
 #define LGC_SUM(NAME, TYPE)                                                                                \
   static double NAME(const TYPE *row, int64_t n) {                                                       \
-    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                           \
+    double lane[LGC_LANES] = {0};                                                                        \
     int64_t i = 0;                                                                                       \
+    for (; i + LGC_LANES <= n; i += LGC_LANES)                                                           \
+      for (int k = 0; k < LGC_LANES; ++k) lane[k] += (double)row[i + k];                                 \
+    for (int k = 0; k < 16; ++k) lane[k] += lane[k + 16];                                                \
+    for (int k = 0; k < 8; ++k) lane[k] += lane[k + 8];                                                  \
     for (; i + 8 <= n; i += 8)                                                                           \
       for (int k = 0; k < 8; ++k) lane[k] += (double)row[i + k];                                         \
     double total = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7])); \
