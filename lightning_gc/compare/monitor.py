@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+import torch
 from torch import Tensor
 
 
@@ -22,6 +23,9 @@ class RunMonitor(Callback):
       without waiting for the end of the epoch) and the status file says ``"diverged"``.
     * Progress: ``status_file`` holds the run's state, epoch and step as JSON, rewritten at most every
       ``interval`` seconds and at every epoch end, so the comparison can show how far the run is.
+    * Class balance: the labels of the first full validation pass are counted (when batches are
+      ``(inputs, labels)`` or dicts with a ``label(s)``/``target(s)``/``y`` entry of integer class indices) and
+      written as ``val_class_counts``, so the comparison knows what a constant predictor would score.
     * Hyperparameters: the TensorBoard logger records the model's and data module's hyperparameters plus
       ``compare/arm`` and ``compare/seed``, with ``metrics`` as the HPARAMS tab's metric columns.
 
@@ -65,6 +69,8 @@ class RunMonitor(Callback):
         self._last_write = -math.inf
         self._batch_step = 0
         self._total_steps: int | None = None
+        self._class_counts: Tensor | None = None
+        self._counting = True  # until the first full validation pass has been counted, or batches cannot be
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # This callback logs the hparams itself, once, with the comparison's tags (see `on_fit_start`).
@@ -108,6 +114,31 @@ class RunMonitor(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, "diverged" if self.diverged_at_step is not None else "running", force=True)
 
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not self._counting or dataloader_idx != 0:
+            return
+        labels = class_labels(batch)
+        if labels is None:
+            self._counting, self._class_counts = False, None
+            return
+        counts = torch.bincount(labels.detach().flatten().cpu())
+        if self._class_counts is not None:
+            width = max(len(counts), len(self._class_counts))
+            counts = _padded(counts, width) + _padded(self._class_counts, width)
+        self._class_counts = counts
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self._class_counts is not None:
+            self._counting = False
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, "diverged" if self.diverged_at_step is not None else "fit_done", force=True)
 
@@ -144,11 +175,42 @@ class RunMonitor(Callback):
             "step": trainer.global_step,
             "total_steps": self._total_steps,
             "diverged_at_step": self.diverged_at_step,
+            "val_class_counts": None if self._class_counts is None else self._class_counts.tolist(),
         }
         tmp = f"{self.status_file}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(status, f)
         os.replace(tmp, self.status_file)
+
+
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def class_labels(batch: Any) -> Tensor | None:
+    """The integer class labels of a validation batch, or ``None`` when it does not hold them visibly.
+
+    Example:
+        >>> class_labels((torch.zeros(2, 3), torch.tensor([1, 0]))).tolist()
+        [1, 0]
+        >>> class_labels({"image": torch.zeros(2, 3)}) is None
+        True
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        labels = batch[-1]
+    elif isinstance(batch, dict):
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+    else:
+        return None
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        return None
+    if labels.dtype == torch.bool or labels.dim() != 1 or not labels.numel() or bool((labels < 0).any()):
+        return None
+    return labels
+
+
+def _padded(counts: Tensor, width: int) -> Tensor:
+    """``counts`` padded with zeros to ``width`` entries."""
+    return torch.cat([counts, counts.new_zeros(width - len(counts))])
 
 
 def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
