@@ -69,6 +69,7 @@ def test_a_finite_run_reports_progress_and_tags_its_hparams(tmp_path):
         "step": 8,
         "total_steps": 8,
         "diverged_at_step": None,
+        "val_class_counts": None,  # no validation
     }
     accumulator = EventAccumulator(str(tmp_path / "seed_7"))
     accumulator.Reload()
@@ -81,6 +82,48 @@ def test_a_finite_run_reports_progress_and_tags_its_hparams(tmp_path):
     metrics = plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos
     assert [m.name.tag for m in metrics] == ["val/acc"]
     assert "hp_metric" not in accumulator.Tags()["scalars"]  # no made-up metric values
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_the_validation_labels_of_one_full_pass_are_counted(tmp_path):
+    labels = torch.tensor([0, 2, 2, 1, 2, 0, 2, 2, 1, 0])  # 3 x class 0, 2 x class 1, 5 x class 2
+    val = DataLoader(TensorDataset(torch.randn(10, 4), labels), batch_size=3)  # 4 batches, the last one short
+    train = DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        callbacks=[RunMonitor(status_file=str(tmp_path / "status.json"), interval=0)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=2,  # the sanity pass sees 2 batches: it must not be counted
+    )
+    trainer.fit(Classifier(), train, val)
+    assert json.loads((tmp_path / "status.json").read_text())["val_class_counts"] == [3, 2, 5]
+
+
+def test_labels_are_only_integer_class_vectors():
+    from lightning_gc.compare.monitor import class_labels
+
+    assert class_labels((torch.zeros(2, 1), torch.tensor([0.5, 1.0]))) is None  # regression targets
+    assert class_labels((torch.zeros(2, 1), torch.tensor([[0, 1], [1, 0]]))) is None  # multi-label
+    assert class_labels({"x": torch.zeros(2), "label": torch.tensor([3, 1])}).tolist() == [3, 1]
+    assert class_labels(torch.zeros(2)) is None
 
 
 def test_interval_must_not_be_negative():
