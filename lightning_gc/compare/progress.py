@@ -14,7 +14,7 @@ class Progress:
 
     Each line ends with the whole study's state: ``3 done, 2 running, 7 left | 0:01:10 elapsed, ~0:02:00 left``
     (time left: the runs still to do, the running ones counted by how far they are, times the mean duration of
-    the runs finished so far, over the runs that run at once). On a terminal the latest run's progress is one
+    the runs finished so far, over how many can run at once). On a terminal the latest run's progress is one
     line rewritten in place; elsewhere (a log, CI) a line is printed per run event and per new epoch.
 
     Args:
@@ -115,7 +115,7 @@ class Progress:
         if not self._run_seconds:
             return f"{_clock(elapsed)} elapsed"
         mean = sum(self._run_seconds) / len(self._run_seconds)
-        at_once = min(self.parallel, max(len(self._running), 1))
+        at_once = max(1, min(self.parallel, self.total - self.done))
         remaining = (self.total - self.fraction * self.total) * mean / at_once
         return f"{_clock(elapsed)} elapsed, ~{_clock(remaining)} left"
 
