@@ -191,6 +191,9 @@ def run_comparison(options: CompareOptions, stream: TextIO | None = None) -> Com
         raise ProjectError("lightning-gc compare draws curves.png with matplotlib: pip install matplotlib")
     with resolve_project_dir(options.project) as (checked_root, name):
         _load(options, checked_root, name)  # every check before the output folder is touched
+        local = LocalLauncher(options.jobs, options.devices_per_run, options.share_devices) if options.launcher == "local" else None
+        if local is None:
+            slurm_options(None, None, 0, 1, ())  # is the SLURM launcher there at all?
         out = Path(options.out) if options.out else Path("runs") / "compare" / _default_name(name, options.configs)
         out = out.absolute()
         folder, left = prepare_output(out, _settings(options), options.resume, options.overwrite)
@@ -198,13 +201,14 @@ def run_comparison(options: CompareOptions, stream: TextIO | None = None) -> Com
             if left:
                 stream.write(f"--overwrite removed what earlier comparisons wrote in {_shown(out)} and left the rest: {', '.join(left)}\n")
             project = _load(options, _kept_copy(checked_root, options.project, folder), name)
-            return _run(options, project, folder, stream)
+            return _run(options, project, folder, local or _slurm_launcher(options, folder), stream)
 
 
-def _run(options: CompareOptions, project: Project, folder: OutputFolder, stream: TextIO) -> ComparisonResult:
+def _run(
+    options: CompareOptions, project: Project, folder: OutputFolder, launcher: Launcher, stream: TextIO
+) -> ComparisonResult:
     out = folder.path
     points = grid(options.axes) if options.axes else []
-    launcher = _launcher(options, folder)
     named = [(p.name, p.args) for p in points] or [("", ())]
     todo = plans(project, range(options.seeds), out, options.max_epochs, options.lightning_args, named, options.devices_per_run)
     stream.write(f"{len(todo)} runs: {len(named)} point(s) x {len(project.arms)} arms x {options.seeds} seed(s), {describe(launcher)}\n")
@@ -279,16 +283,14 @@ def _arm_view(folder: OutputFolder, where: Path, records: list[RunRecord], proje
         warnings.warn(f"the TensorBoard arm view of {where} could not be written: {err!r}", stacklevel=2)
 
 
-def _launcher(options: CompareOptions, folder: OutputFolder) -> Launcher:
-    if options.launcher == "slurm":
-        slurm_folder = folder.path / "slurm"
-        folder.record(slurm_folder)
-        settings = slurm_options(
-            options.slurm_partition, options.slurm_time, options.slurm_gpus_per_run, options.slurm_cpus_per_run,
-            options.slurm_args,
-        )  # fmt: skip
-        return SlurmBackend(slurm_folder, settings)
-    return LocalLauncher(options.jobs, options.devices_per_run, options.share_devices)
+def _slurm_launcher(options: CompareOptions, folder: OutputFolder) -> Launcher:
+    slurm_folder = folder.path / "slurm"
+    folder.record(slurm_folder)
+    settings = slurm_options(
+        options.slurm_partition, options.slurm_time, options.slurm_gpus_per_run, options.slurm_cpus_per_run,
+        options.slurm_args,
+    )  # fmt: skip
+    return SlurmBackend(slurm_folder, settings)
 
 
 def _load(options: CompareOptions, root: Path, name: str) -> Project:
