@@ -144,11 +144,28 @@ class CompareOptions:
         if wrong:
             needs = "`--launcher local` (the default)" if self.launcher == "slurm" else "`--launcher slurm`"
             raise ProjectError(f"`{wrong[0]}` applies to {needs} only; this comparison uses `--launcher {self.launcher}`")
-        if self.slurm_time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.slurm_time):
-            raise ProjectError(f"`--slurm-time` must be in sbatch --time form (e.g. 02:00:00, 1-00:00:00, 90), got {self.slurm_time!r}")
-        bad = [a for a in self.slurm_args if not a.startswith("--")]
-        if bad:
-            raise ProjectError(f"`--slurm-arg` takes one sbatch option each, as --name=value (e.g. --qos=high), got {bad[0]!r}")
+        if self.launcher == "slurm":
+            self.slurm_options()
+
+    def slurm_options(self) -> Any:
+        """The ``lightning_gc.compare.slurm.SlurmOptions`` of the ``--slurm-*`` options (checked there, named here)."""
+        try:
+            return slurm_options(
+                self.slurm_partition, self.slurm_time, self.slurm_gpus_per_run, self.slurm_cpus_per_run, self.slurm_args
+            )
+        except ValueError as err:
+            field_name = str(err).split(" ", 1)[0].rstrip(":")
+            option = _SLURM_OPTIONS.get(field_name, "--slurm-*")
+            raise ProjectError(f"`{option}`: {err}") from err
+
+
+_SLURM_OPTIONS = {
+    "partition": "--slurm-partition",
+    "time": "--slurm-time",
+    "gpus_per_run": "--slurm-gpus-per-run",
+    "cpus_per_run": "--slurm-cpus-per-run",
+    "sbatch_args": "--slurm-arg",
+}
 
 
 @dataclass
@@ -189,11 +206,11 @@ def run_comparison(options: CompareOptions, stream: TextIO | None = None) -> Com
     stream = stream if stream is not None else sys.stdout
     if importlib.util.find_spec("matplotlib") is None:  # needed at the end: say so before hours of training
         raise ProjectError("lightning-gc compare draws curves.png with matplotlib: pip install matplotlib")
+    if options.launcher == "slurm" and importlib.util.find_spec("submitit") is None:
+        raise ProjectError("`--launcher slurm` submits with submitit: pip install 'lightning-gc[slurm]'")
     with resolve_project_dir(options.project) as (checked_root, name):
         _load(options, checked_root, name)  # every check before the output folder is touched
         local = LocalLauncher(options.jobs, options.devices_per_run, options.share_devices) if options.launcher == "local" else None
-        if local is None:
-            slurm_options(None, None, 0, 1, ())  # is the SLURM launcher there at all?
         out = Path(options.out) if options.out else Path("runs") / "compare" / _default_name(name, options.configs)
         out = out.absolute()
         folder, left = prepare_output(out, _settings(options), options.resume, options.overwrite)
@@ -286,11 +303,10 @@ def _arm_view(folder: OutputFolder, where: Path, records: list[RunRecord], proje
 def _slurm_launcher(options: CompareOptions, folder: OutputFolder) -> Launcher:
     slurm_folder = folder.path / "slurm"
     folder.record(slurm_folder)
-    settings = slurm_options(
-        options.slurm_partition, options.slurm_time, options.slurm_gpus_per_run, options.slurm_cpus_per_run,
-        options.slurm_args,
-    )  # fmt: skip
-    return SlurmBackend(slurm_folder, settings)
+    try:
+        return SlurmBackend(slurm_folder, options.slurm_options())
+    except ImportError as err:
+        raise ProjectError(f"`--launcher slurm`: {err}") from err
 
 
 def _load(options: CompareOptions, root: Path, name: str) -> Project:

@@ -26,8 +26,10 @@ class RunMonitor(Callback):
     * Class balance: the labels of the first full validation pass are counted (when batches are
       ``(inputs, labels)`` or dicts with a ``label(s)``/``target(s)``/``y`` entry of integer class indices) and
       written as ``val_class_counts``, so the comparison knows what a constant predictor would score.
-    * Hyperparameters: the TensorBoard logger records the model's and data module's hyperparameters plus
-      ``compare/arm`` and ``compare/seed``, with ``metrics`` as the HPARAMS tab's metric columns.
+    * Hyperparameters: the run's ``hparams.yaml`` holds the model's and data module's hyperparameters plus
+      ``compare/arm`` and ``compare/seed``. No HPARAMS summary is written here: TensorBoard keeps the first
+      one of a run only, and the comparison writes it at the end, with the run's status and final metric
+      (:func:`lightning_gc.compare.tensorboard.write_arm_view`).
 
     The compare tool adds it with ``--trainer.callbacks+=lightning_gc.compare.RunMonitor``; it changes neither
     the model, the data order nor the random state, so the arms of a seed stay identical but for GC.
@@ -37,7 +39,6 @@ class RunMonitor(Callback):
         loss: the logged metric to check when ``training_step`` returns no loss tensor.
         arm: the arm's name (``"baseline"`` or ``"gc"``), recorded as the hparam ``compare/arm``.
         seed: the run's seed, recorded as the hparam ``compare/seed``.
-        metrics: metric names shown as columns of TensorBoard's HPARAMS tab (their last logged values).
         interval: least seconds between two progress writes.
 
     Raises:
@@ -54,7 +55,6 @@ class RunMonitor(Callback):
         loss: str = "train/loss",
         arm: str | None = None,
         seed: int | None = None,
-        metrics: list[str] | None = None,
         interval: float = 0.5,
     ) -> None:
         if not (isinstance(interval, (int, float)) and interval >= 0):
@@ -63,7 +63,6 @@ class RunMonitor(Callback):
         self.loss = loss
         self.arm = arm
         self.seed = seed
-        self.metrics = list(metrics or [])
         self.interval = float(interval)
         self.diverged_at_step: int | None = None
         self._last_write = -math.inf
@@ -73,14 +72,16 @@ class RunMonitor(Callback):
         self._counting = True  # until the first full validation pass has been counted, or batches cannot be
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # This callback logs the hparams itself, once, with the comparison's tags (see `on_fit_start`).
+        # This callback records the hparams itself, with the comparison's tags (see `on_fit_start`), and no
+        # HPARAMS summary: the comparison writes the run's session once it knows how the run ended.
         if _tensorboard(trainer) is not None:
             trainer.enable_autolog_hparams = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger = _tensorboard(trainer)
         if logger is not None and trainer.is_global_zero:
-            _log_hparams(logger, self._hparams(trainer, pl_module), self.metrics)
+            logger.hparams.update(self._hparams(trainer, pl_module))
+            logger.save()  # hparams.yaml
         self._write(trainer, "running", force=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -215,17 +216,3 @@ def _padded(counts: Tensor, width: int) -> Tensor:
 
 def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def _log_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: list[str]) -> None:
-    """Write the HPARAMS summaries without logging made-up metric values (only the metric names are needed)."""
-    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
-    from torch.utils.tensorboard.summary import hparams
-
-    logger.hparams.update(params)  # hparams.yaml
-    flat = logger._sanitize_params(_flatten_dict(_convert_params(params)))
-    experiment, start, end = hparams(flat, {name: 0.0 for name in metrics or ["hp_metric"]})
-    writer = logger.experiment._get_file_writer()
-    for summary in (experiment, start, end):
-        writer.add_summary(summary)
-    logger.save()

@@ -78,9 +78,6 @@ class RunPlan:
             "status_file": str(self.run_dir / STATUS_FILE),
             "arm": self.arm,
             "seed": str(self.seed),
-            "metrics": json.dumps(
-                [self.project.metric, "val/loss"] if self.project.metric != "val/loss" else ["val/loss"]
-            ),
         }
         return [
             python, "train.py", "fit", *configs,

@@ -43,24 +43,10 @@ def run_all(
         ProjectError: with ``resume``, when a run of an earlier comparison is still running as a local process.
     """
     records: dict[str, RunRecord] = {}
-    pending: list[RunPlan] = []
     running: list[Running] = []
-    for plan in todo:
-        earlier = load_record(plan.run_dir) if resume else None
-        if earlier is not None and earlier.status in _KEPT:
-            progress.skip(plan.label, earlier)
-            records[plan.key] = earlier
-        elif resume and isinstance(launcher, SlurmBackend) and (job := recorded_job(plan.run_dir)):
-            attached = launcher.attach(plan, job)
-            if attached is not None:
-                running.append(attached)
-                progress.attach(plan.label, job)
-            else:
-                pending.append(plan)
-        else:
-            pending.append(plan)
-    _refuse_live_runs(pending)
     try:
+        pending = _kept_or_attached(todo, launcher, progress, resume, records, running)
+        _refuse_live_runs(pending)
         while pending or running:
             batch, pending = pending[: launcher.free_slots()], pending[launcher.free_slots() :]
             for plan in batch:
@@ -88,6 +74,32 @@ def run_all(
             run.stop()
         raise
     return [records[plan.key] for plan in todo]
+
+
+def _kept_or_attached(
+    todo: Sequence[RunPlan],
+    launcher: Launcher,
+    progress: Progress,
+    resume: bool,
+    records: dict[str, RunRecord],
+    running: list[Running],
+) -> list[RunPlan]:
+    """The plans still to start; fills ``records`` with the kept runs and ``running`` with attached jobs."""
+    pending = []
+    for plan in todo:
+        earlier = load_record(plan.run_dir) if resume else None
+        if earlier is not None and earlier.status in _KEPT:
+            progress.skip(plan.label, earlier)
+            records[plan.key] = earlier
+            continue
+        job = recorded_job(plan.run_dir) if resume and isinstance(launcher, SlurmBackend) else None
+        attached = launcher.attach(plan, job) if job and isinstance(launcher, SlurmBackend) else None
+        if attached is not None:
+            running.append(attached)
+            progress.attach(plan.label, job or "")
+        else:
+            pending.append(plan)
+    return pending
 
 
 def _started(

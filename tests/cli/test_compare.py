@@ -16,6 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gc.cli import main
+from slurm_cluster import requires_slurm  # noqa: F401  (the fixture)
 
 TINY_PROJECT = Path(__file__).parents[1] / "compare" / "fixtures" / "tiny_project"
 
@@ -60,8 +61,9 @@ def tiny_comparison(tmp_path_factory):
         (["--launcher", "pbs"], "argument --launcher: invalid choice: 'pbs'"),
         (["--slurm-partition", "gpu"], "`--slurm-partition` applies to `--launcher slurm` only"),
         (["--launcher", "slurm", "--jobs", "2"], "`--jobs` applies to `--launcher local` (the default) only"),
-        (["--launcher", "slurm", "--slurm-time", "2h"], "`--slurm-time` must be in sbatch --time form"),
-        (["--launcher", "slurm", "--slurm-arg", "qos=high"], "`--slurm-arg` takes one sbatch option each"),
+        (["--launcher", "slurm", "--slurm-time", "2h"], "`--slurm-time`: time must be in sbatch --time syntax"),
+        (["--launcher", "slurm", "--slurm-arg", "qos=high"], "`--slurm-arg`: sbatch_args: each must be '--name=value'"),
+        (["--launcher", "slurm", "--slurm-partition", ""], "`--slurm-partition`: partition must be a non-empty"),
         (["--slurm-gpus-per-run", "-1"], "argument --slurm-gpus-per-run: --slurm-gpus-per-run must be an integer >= 0"),
         (["--chance", "nan"], "`--chance` must be a finite number, got nan"),
     ],
@@ -345,3 +347,57 @@ def test_compare_ended_by_a_signal_ends_its_runs_and_says_how_to_resume(tmp_path
     assert compare.wait(60) == 130
     assert f"stopped by {sig}; its runs were stopped" in compare.stderr.read().decode()
     assert _gone_within(child, 5)
+
+
+# -- SLURM: the one-node cluster of .ci/slurm-up ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("requires_slurm")
+def test_compare_on_slurm_runs_each_run_as_a_job_and_records_it(tmp_path):
+    out = tmp_path / "slurm"
+    code, stdout, stderr = _compare(
+        TINY_PROJECT, "--seeds", 1, "--max-epochs", 1, "--out", out, "--launcher", "slurm", "--slurm-cpus-per-run", 1,
+        "--slurm-time", "00:10:00",
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
+    jobs = {arm: json.loads((out / arm / "seed_0" / "run.json").read_text())["job_id"] for arm in ("baseline", "gc")}
+    assert all(jobs.values()) and len(set(jobs.values())) == 2
+    assert jobs["baseline"].split("_")[0] == jobs["gc"].split("_")[0]  # one job array
+    assert "Testing" in (out / "gc" / "seed_0" / "train.log").read_text() or (out / "gc" / "seed_0" / "hparams.yaml").is_file()
+    runs = {r["arm"]: r for r in csv.DictReader(open(out / "runs.csv"))}
+    assert runs["gc"]["job_id"] == jobs["gc"] and runs["gc"]["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("requires_slurm")
+def test_resume_on_slurm_attaches_to_running_jobs_and_a_signal_cancels_them(tmp_path):
+    out = tmp_path / "attach"
+    args = [sys.executable, "-m", "lightning_gc", "compare", str(TINY_PROJECT), "--seeds", "1", "--max-epochs", "2000",
+            "--out", str(out), "--launcher", "slurm"]  # fmt: skip
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job_file = out / "gc" / "seed_0" / "job.json"
+    deadline = time.monotonic() + 120
+    while not job_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    first.kill()  # SIGKILL: no chance to cancel; the jobs live on in SLURM, as they should
+    first.wait()
+    job_ids = [json.loads((out / arm / "seed_0" / "job.json").read_text())["job_id"] for arm in ("baseline", "gc")]
+    second = subprocess.Popen([*args, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while len([line for line in lines if "waiting for it (--resume)" in line]) < 2:
+        line = second.stdout.readline()
+        assert line, second.stderr.read()
+        lines.append(line)
+    assert not any("starting" in line for line in lines)  # attached, not submitted a second time
+    second.send_signal(__import__("signal").SIGTERM)
+    assert second.wait(60) == 130
+    for job_id in job_ids:  # 2000 epochs take many minutes: a job that left the queue now was cancelled
+        deadline = time.monotonic() + 60
+        queued = "?"
+        while time.monotonic() < deadline:
+            queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+            if not queued:
+                break
+            time.sleep(0.5)
+        assert not queued, f"job {job_id} still queued or running after compare's SIGTERM: {queued}"

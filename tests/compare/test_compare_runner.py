@@ -38,7 +38,6 @@ def test_the_command_is_the_convention_then_the_monitor_then_extra_args(tiny_pro
         "--trainer.callbacks.init_args.status_file", str(tmp_path / "gc" / "seed_1" / "status.json"),
         "--trainer.callbacks.init_args.arm", "gc",
         "--trainer.callbacks.init_args.seed", "1",
-        "--trainer.callbacks.init_args.metrics", '["val/acc", "val/loss"]',
         "--data.batch_size", "8",
     ]  # fmt: skip
 
