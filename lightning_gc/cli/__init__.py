@@ -1,15 +1,19 @@
-"""The ``lightning-gc`` command: ``new`` renders a template project, ``compare`` runs baseline vs GC."""
+"""The lightning-gc command: "new" renders a template project, "compare" trains baseline and GC side by side."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-gc`` console script."""
+    from lightning_gc import __version__
+
     parser = argparse.ArgumentParser(prog="lightning-gc", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lightning-gc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _subcommands():
         module.register(sub)
@@ -24,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.run(args, extra) or 0)
 
 
-def _subcommands() -> list:
+def _subcommands() -> list[ModuleType]:
     """Each subcommand module exposes ``register(subparsers)`` setting ``run`` as the parser's default."""
     from lightning_gc.cli import compare, new
 

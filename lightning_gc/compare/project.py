@@ -236,7 +236,7 @@ def _primary_metric(checkpoint: tuple[str | None, str], metric: str | None, mode
 def template_names() -> list[str]:
     """Names of the templates ``lightning-gc new`` can render."""
     try:
-        from lightning_gc.cli.new import find_templates
+        from lightning_gc.templating import find_templates
     except ImportError:  # `new` not merged yet: the source tree's templates/ folder
         root = Path(__file__).resolve().parents[2] / "templates"
         return sorted(p.parent.name for p in root.glob("*/cookiecutter.json"))
@@ -270,7 +270,7 @@ def resolve_project_dir(project: str) -> Iterator[tuple[Path, str]]:
 def _render(template: str, destination: Path) -> Path:
     """Render ``template`` into ``destination`` with ``lightning-gc new``'s machinery (cookiecutter if absent)."""
     try:
-        from lightning_gc.cli.new import render
+        from lightning_gc.templating import render
     except ImportError:
         from cookiecutter.main import cookiecutter
 

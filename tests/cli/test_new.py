@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import lightning_gc
+from lightning_gc import templating
 from lightning_gc.cli import main
-from lightning_gc.cli import new as new_module
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = sorted(p.parent for p in (REPO / "templates").glob("*/cookiecutter.json"))
@@ -38,7 +39,8 @@ def test_templates_follow_the_conventions() -> None:
 def test_render_with_a_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["new", "digits-cnn", str(tmp_path / "proj"), "--name", "My Digits"]) == 0
     project = tmp_path / "proj"
-    assert "Created" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Created" in out and f"requires 'lightning-gc @ {REPO.as_uri()}'" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # no temporary folder left beside it
     for path in (
         "train.py",
@@ -68,7 +70,7 @@ def test_default_name_is_the_folder_name_and_an_empty_folder_is_filled(tmp_path:
 
 
 def test_missing_parents_are_created(tmp_path: Path) -> None:
-    project = new_module.render("digits-cnn", tmp_path / "a" / "b" / "mnist", "Mnist")
+    project = templating.render("digits-cnn", tmp_path / "a" / "b" / "mnist", "Mnist")
     assert (project / "mnist" / "data.py").is_file()
 
 
@@ -76,8 +78,9 @@ def test_missing_parents_are_created(tmp_path: Path) -> None:
     ("name", "reason"),
     [
         ("2digits", "not a valid Python package name"),
-        ("my.digits", "not a valid Python package name"),
-        ("chiffres déjà", "not a valid Python package name"),
+        ("my.digits", "may hold only ASCII letters, digits, spaces"),
+        ("chiffres déjà", "may hold only ASCII letters, digits, spaces"),
+        ("2 digits", "not a valid Python package name"),
         ("class", "Python keyword"),
         ("json", "standard library"),
         ("train", "shadow a module or folder the project uses"),
@@ -102,6 +105,7 @@ def test_non_empty_destination_is_refused_and_left_alone(tmp_path: Path, capsys:
     assert [p.name for p in (tmp_path / "proj").iterdir()] == ["notes.txt"]
     (tmp_path / "file").write_text("")
     assert main(["new", "digits-cnn", str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
 
 
 def test_unknown_template_lists_the_available_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,16 +116,18 @@ def test_unknown_template_lists_the_available_ones(tmp_path: Path, capsys: pytes
 
 
 def test_a_failure_while_rendering_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cookiecutter.main
+    written = []
 
-    def half_render(template: str, output_dir: str, **kwargs: object) -> str:
-        Path(output_dir, "proj").mkdir(parents=True)
-        Path(output_dir, "proj", "train.py").write_text("half")
-        raise OSError("disk full")
+    def write_until_the_disk_is_full(target: Path, text: str, mode: int) -> None:
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        target.write_text(text)
+        written.append(target)
 
-    monkeypatch.setattr(cookiecutter.main, "cookiecutter", half_render)
-    with pytest.raises(OSError, match="disk full"):
-        new_module.render("digits-cnn", tmp_path / "new" / "proj", "proj")
+    monkeypatch.setattr(templating, "_write_file", write_until_the_disk_is_full)
+    with pytest.raises(templating.TemplateError, match="No space left on device"):
+        templating.render("digits-cnn", tmp_path / "new" / "proj", "proj")
+    assert len(written) == 3
     assert list(tmp_path.iterdir()) == []  # neither the project, nor the temporary folder, nor the parent made for it
 
 
@@ -148,6 +154,9 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     for template in TEMPLATES:
         assert f"lightning_gc/_templates/{template.name}/cookiecutter.json" in names
     assert "lightning_gc/native/kernel.c" in names  # the fused kernel's source, compiled on first use
+    assert "lightning_gc/py.typed" in names  # users' type checkers read the annotations (PEP 561)
+    metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.dist-info/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata and "Requires-Python: >=3.11" in metadata
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
@@ -162,7 +171,7 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     (site / "dependencies.pth").write_text(f"{deps}\n")
     run = {"cwd": tmp_path, "capture_output": True, "text": True, "check": True}
     where = subprocess.run(
-        [str(bin_dir / "python"), "-c", "import lightning_gc.cli.new as n; print(n.templates_root())"], **run
+        [str(bin_dir / "python"), "-c", "import lightning_gc.templating as t; print(t.templates_root())"], **run
     ).stdout.strip()
     assert Path(where) == site / "lightning_gc" / "_templates"
     native = subprocess.run(
@@ -173,7 +182,14 @@ def test_wheel_ships_the_templates(tmp_path: Path) -> None:
     assert "available=True" in native, native
     listing = subprocess.run([str(bin_dir / "lightning-gc"), "new", "--list"], **run).stdout
     assert [line.split()[0] for line in listing.splitlines()] == [t.name for t in TEMPLATES]
-    subprocess.run([str(bin_dir / "lightning-gc"), "new", "digits-cnn", "my-digits"], **run)
+    created = subprocess.run([str(bin_dir / "lightning-gc"), "new", "digits-cnn", "my-digits"], **run).stdout
+    # Installed from a file: the project requires that file, and its README says so.
+    requirement = f"lightning-gc @ {wheel.resolve().as_uri()}"
+    assert f"requires {requirement!r} (from the wheel {wheel.resolve()})" in created
+    assert f'"{requirement}",' in (tmp_path / "my-digits" / "pyproject.toml").read_text()
+    assert f"requires `{requirement}`" in (tmp_path / "my-digits" / "README.md").read_text()
+    version = subprocess.run([str(bin_dir / "lightning-gc"), "--version"], **run).stdout
+    assert version == f"lightning-gc {lightning_gc.__version__}\n"
     assert (tmp_path / "my-digits" / "my_digits" / "model.py").read_text() == (
         REPO / "templates/digits-cnn/{{cookiecutter.project_slug}}/{{cookiecutter.package_name}}/model.py"
     ).read_text().replace("{{ cookiecutter.package_name }}", "my_digits")

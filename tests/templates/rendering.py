@@ -1,4 +1,4 @@
-"""Rendering a template with cookiecutter and running the rendered project's own tests, for every template."""
+"""Rendering a template and running the rendered project's own tests, for every template."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
 def render(template: str, output_dir: Path, project_name: str) -> Path:
-    """Render ``templates/<template>`` into ``output_dir``; cookiecutter's replay and cache stay there too."""
-    from cookiecutter.main import cookiecutter
+    """Render ``templates/<template>`` into ``output_dir/<slug>`` as ``lightning-gc new`` does."""
+    from lightning_gc.templating import find_templates, project_names, render
 
-    config = {"cookiecutters_dir": str(output_dir / "cc"), "replay_dir": str(output_dir / "replay")}
-    path = cookiecutter(
-        str(TEMPLATES / template),
-        no_input=True,
-        output_dir=str(output_dir),
-        extra_context={"project_name": project_name},
-        default_config=config,
-    )
-    return Path(path)
+    slug = project_names(find_templates(TEMPLATES)[template], project_name)["project_slug"]
+    return render(template, output_dir / slug, project_name)
 
 
 def assert_fully_rendered(project: Path) -> None:

@@ -1,4 +1,4 @@
-"""The radiology-anomaly template renders with cookiecutter and its project's own tests pass (offline, in place)."""
+"""The radiology-anomaly template renders and its project's own tests pass (offline, in place)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,14 @@ TEMPLATE = TEMPLATES / "sentiment-rnn"
 
 def test_cookiecutter_json_follows_the_template_conventions() -> None:
     spec = json.loads((TEMPLATE / "cookiecutter.json").read_text())
-    assert set(spec) == {"project_name", "project_slug", "package_name", "_description"}
+    assert set(spec) == {
+        "project_name",
+        "project_slug",
+        "package_name",
+        "lightning_gc_requirement",
+        "lightning_gc_origin",
+        "_description",
+    }
     assert spec["_description"] and "\n" not in spec["_description"]
 
 

@@ -39,6 +39,9 @@ def _row_means(model: torch.nn.Module) -> list[float]:
         (["configs/gc.yaml"], True, 0.05),
         (["configs/baseline.yaml"], False, 0.05),
         (["configs/gc.yaml", "configs/settings/high_lr.yaml"], True, 0.1),
+        (["configs/gc.yaml", "configs/settings/batchnorm.yaml"], True, 0.05),
+        (["configs/baseline.yaml", "configs/settings/batchnorm.yaml"], False, 0.05),
+        (["configs/gc.yaml", "configs/settings/batchnorm.yaml", "--model.norm", "group"], True, 0.05),
     ],
 )
 def test_fast_dev_run(configs: list[str], gc: bool, lr: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,12 +49,17 @@ def test_fast_dev_run(configs: list[str], gc: bool, lr: float, tmp_path: Path, m
     seen = []
     hook = DigitsCNN.on_before_optimizer_step
     monkeypatch.setattr(DigitsCNN, "on_before_optimizer_step", lambda self, opt: (seen.append(_row_means(self)), hook(self, opt)))
-    args = ["fit", *[a for c in configs for a in ("--config", c)], "--trainer.fast_dev_run", "2", *QUIET,
+    args = ["fit", *[a for c in configs for a in (("--config", c) if c.endswith(".yaml") else (c,))],
+            "--trainer.fast_dev_run", "2", *QUIET,
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
     cli = train.main(args)
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, GradientCentralization)]
     assert len(callbacks) == int(gc)
     assert cli.model.hparams.lr == lr
+    norm = configs[-1] if not configs[-1].endswith(".yaml") else "batch" if "batchnorm" in configs[-1] else "none"
+    assert cli.model.hparams.norm == norm
+    norm_layers = [m for m in cli.model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+    assert len(norm_layers) == (0 if norm == "none" else 2)
     metrics = cli.trainer.callback_metrics
     for name in ("train/loss", "train/grad_norm", "val/loss", "val/acc"):
         assert math.isfinite(metrics[name].item()), name

@@ -13,12 +13,19 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from {{ cookiecutter.package_name }}.plots import confusion_matrix_figure
 
 NUM_CLASSES = 10
+# `norm`: what follows each convolution before its ReLU.
+NORMS = ("none", "batch", "group")
+# GroupNorm's groups: at most this many, the largest count that divides the channels.
+MAX_GROUPS = 8
 
 
 class DigitsCNN(pl.LightningModule):
     """Two 5x5 convolutions with max-pooling, then two linear layers; trained with SGD and momentum.
 
-    No batch normalisation: the point of the template is to show what GC alone does to the gradients.
+    No normalisation by default (``norm="none"``): the template shows what GC alone does to the gradients.
+    The paper's results are all on networks with BatchNorm or GroupNorm; ``norm="batch"`` or ``"group"``
+    puts one after each convolution, so that a learning-rate sweep can show whether GC's effect on the
+    stable range depends on it.
 
     Args:
         lr: SGD learning rate.
@@ -26,6 +33,8 @@ class DigitsCNN(pl.LightningModule):
         weight_decay: SGD (coupled) weight decay, >= 0.
         channels: output channels of the two convolutions.
         hidden: width of the hidden linear layer.
+        norm: ``"none"``, ``"batch"`` (``BatchNorm2d``) or ``"group"`` (``GroupNorm`` with up to 8 groups)
+            after each convolution.
 
     Raises:
         ValueError: for an invalid argument, naming it and the accepted values.
@@ -43,6 +52,7 @@ class DigitsCNN(pl.LightningModule):
         weight_decay: float = 0.0,
         channels: tuple[int, int] = (16, 32),
         hidden: int = 64,
+        norm: str = "none",
     ) -> None:
         super().__init__()
         _check(isinstance(lr, (int, float)) and lr > 0, "lr", "a number > 0", lr)
@@ -52,11 +62,12 @@ class DigitsCNN(pl.LightningModule):
         _check(len(channels) == 2 and all(isinstance(c, int) and c > 0 for c in channels), "channels",
                "two positive integers", channels)
         _check(isinstance(hidden, int) and hidden > 0, "hidden", "a positive integer", hidden)
+        _check(norm in NORMS, "norm", f"one of {NORMS}", norm)
         self.save_hyperparameters()
         c1, c2 = channels
         self.net = nn.Sequential(
-            nn.Conv2d(1, c1, 5), nn.ReLU(), nn.MaxPool2d(2),  # 28 -> 24 -> 12
-            nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),  # 12 -> 8 -> 4
+            nn.Conv2d(1, c1, 5), *_norm(norm, c1), nn.ReLU(), nn.MaxPool2d(2),  # 28 -> 24 -> 12
+            nn.Conv2d(c1, c2, 5), *_norm(norm, c2), nn.ReLU(), nn.MaxPool2d(2),  # 12 -> 8 -> 4
             nn.Flatten(), nn.Linear(c2 * 4 * 4, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES),
         )
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
@@ -116,6 +127,15 @@ class DigitsCNN(pl.LightningModule):
         if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
             figure = confusion_matrix_figure(values["confusion"].cpu(), title=f"{stage} confusion, epoch {self.current_epoch}")
             logger.experiment.add_figure(f"{stage}/confusion_matrix", figure, global_step=self.global_step)
+
+
+def _norm(norm: str, channels: int) -> list[nn.Module]:
+    """The layer after a convolution of ``channels`` outputs; none for ``"none"``, so that network is unchanged."""
+    if norm == "batch":
+        return [nn.BatchNorm2d(channels)]
+    if norm == "group":
+        return [nn.GroupNorm(max(g for g in range(1, MAX_GROUPS + 1) if channels % g == 0), channels)]
+    return []
 
 
 def _eval_metrics() -> MetricCollection:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import IMDB_REVIEWS, write_imdb_archive
-from lightning_gc.data import DownloadError, UnsafeArchiveError
+from conftest import IMDB_REVIEWS, add_file, write_imdb_archive
+from lightning_gc.data import ArchiveLayoutError, DownloadError, UnsafeArchiveError
 
 from {{ cookiecutter.package_name }} import imdb
 from {{ cookiecutter.package_name }}.data import SentimentDataModule
@@ -110,3 +112,22 @@ def test_archive_without_imdb_layout_is_reported(http_root, monkeypatch, tmp_pat
         review.unlink()
     with pytest.raises(FileNotFoundError, match="test/{pos,neg}/<id>_<stars>.txt"):
         imdb.read_imdb(data_dir / imdb.ROOT)
+
+
+def test_archive_without_the_imdb_folder_is_refused_clearly(http_root, monkeypatch, tmp_path) -> None:
+    root, base = http_root
+    with tarfile.open(root / imdb.ARCHIVE, "w:gz") as tar:  # reviews at the top, no aclImdb/ folder
+        add_file(tar, "train/pos/0_9.txt", "Great.")
+    monkeypatch.setattr(imdb, "MD5", hashlib.md5((root / imdb.ARCHIVE).read_bytes()).hexdigest())
+    data_dir = tmp_path / "data"
+    with pytest.raises(ArchiveLayoutError, match=r"every member should be in aclImdb/.*'train/pos/0_9.txt'"):
+        imdb.fetch_imdb(data_dir, [f"{base}/{imdb.ARCHIVE}"], imdb.MD5)
+    assert not (data_dir / "train").exists() and not (data_dir / imdb.ROOT).exists()
+
+
+def test_a_file_that_is_not_a_tar_archive_is_refused_clearly(http_root, monkeypatch, tmp_path) -> None:
+    root, base = http_root
+    (root / imdb.ARCHIVE).write_bytes(b"<html>Moved</html>")
+    monkeypatch.setattr(imdb, "MD5", hashlib.md5(b"<html>Moved</html>").hexdigest())
+    with pytest.raises(ArchiveLayoutError, match="is not a readable tar archive"):
+        imdb.fetch_imdb(tmp_path / "data", [f"{base}/{imdb.ARCHIVE}"], imdb.MD5)

@@ -47,6 +47,8 @@ def fetch_imdb(data_dir: str | Path, urls: Sequence[str] = URLS, md5: str | None
             says how to train offline.
         lightning_gc.data.UnsafeArchiveError: the archive holds a link, or a member that would land outside
             ``data_dir``; nothing is extracted then.
+        lightning_gc.data.ArchiveLayoutError: the file is not a tar archive, or holds something else than
+            the ``aclImdb/`` folder; nothing is extracted then.
     """
     data_dir = Path(data_dir)
     md5 = MD5 if md5 is None else md5
@@ -54,7 +56,7 @@ def fetch_imdb(data_dir: str | Path, urls: Sequence[str] = URLS, md5: str | None
     if marker.is_file():
         return data_dir / ROOT
     archive = download(urls, data_dir / ARCHIVE, md5, offline_hint=offline_hint(data_dir))
-    safe_extract_tar(archive, data_dir)
+    safe_extract_tar(archive, data_dir, root=ROOT)
     marker.touch()
     return data_dir / ROOT
 
