@@ -36,6 +36,15 @@ def again(flag: str) -> str:
     return f"run `{template.format(flag=flag)}`" if template else f"pass `{flag}`"
 
 
+def _named(out: Path) -> str:
+    """How messages name the output folder: as the option that gave it, unless a wrapper gave it."""
+    return str(out) if os.environ.get(AGAIN_VARIABLE) else f"`--out` {out}"
+
+
+def _or_another_out() -> str:
+    return "" if os.environ.get(AGAIN_VARIABLE) else " or choose another `--out`"
+
+
 class OutputFolder:
     """``--out``, locked for one comparison: an exclusive ``fcntl.flock`` on ``OUT/.lightning-gc-compare.lock``
     (released by the operating system if the holder dies), and the list of what comparisons wrote in it.
@@ -119,7 +128,7 @@ def prepare_output(
     if resume and overwrite:
         raise ProjectError("`--resume` and `--overwrite` exclude each other: keep the finished runs, or start over")
     if out.exists() and not out.is_dir():
-        raise ProjectError(f"`--out` {out} is a file; give a folder")
+        raise ProjectError(f"{_named(out)} is a file; give a folder")
     _refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = OutputFolder(out, _lock(out))
@@ -135,7 +144,7 @@ def prepare_output(
 
 def _refuse_foreign(out: Path) -> None:
     if out.is_dir() and not (out / MANIFEST).is_file() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise ProjectError(f"`--out` {out} is not empty and holds no comparison ({MANIFEST}); choose another folder")
+        raise ProjectError(f"{_named(out)} is not empty and holds no comparison ({MANIFEST}); choose another folder")
 
 
 def _take_over(folder: OutputFolder, settings: dict[str, Any], resume: bool, overwrite: bool) -> list[str]:
@@ -149,7 +158,7 @@ def _take_over(folder: OutputFolder, settings: dict[str, Any], resume: bool, ove
         _check_same(json.loads(manifest.read_text(encoding="utf-8")), settings, out)
         return []
     raise ProjectError(
-        f"`--out` {out} already holds a comparison: {again('--resume')} to finish it (finished runs are kept)"
+        f"{_named(out)} already holds a comparison: {again('--resume')} to finish it (finished runs are kept)"
         f" or {again('--overwrite')} to start over"
     )
 
@@ -165,8 +174,7 @@ def _lock(out: Path) -> IO[str]:
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise ProjectError(
-            f"`--out` {out} is in use by another lightning-gc compare (pid {holder}); wait for it to end or choose"
-            " another `--out`"
+            f"{_named(out)} is in use by another lightning-gc compare (pid {holder}); wait for it to end{_or_another_out()}"
         ) from None
     handle.seek(0)
     handle.truncate()
@@ -182,7 +190,7 @@ def _check_same(previous: dict[str, Any], settings: dict[str, Any], out: Path) -
         detail = "; ".join(f"{k}: was {previous.get(k)!r}, now {settings.get(k)!r}" for k in changed)
         raise ProjectError(
             f"`--resume` would mix results: {out} was started with other settings ({detail}); {again('--overwrite')}"
-            " or choose another `--out`"
+            f"{_or_another_out()}"
         )
 
 

@@ -44,8 +44,11 @@ def test_a_wrapper_names_its_own_way_to_pass_a_flag(tmp_path, monkeypatch):
     # `make demo` users cannot pass --overwrite; the Makefile says how they can
     monkeypatch.setenv(AGAIN_VARIABLE, "make demo DEMO_ARGS={flag}")
     _prepare(tmp_path)
-    with pytest.raises(ProjectError, match=r"max_epochs: was 2, now 5\); run `make demo DEMO_ARGS=--overwrite`"):
+    with pytest.raises(ProjectError, match=r"max_epochs: was 2, now 5\); run `make demo DEMO_ARGS=--overwrite`$"):
         _prepare(tmp_path, {**SETTINGS, "max_epochs": 5}, resume=True)
+    with pytest.raises(ProjectError) as refused:
+        _prepare(tmp_path)
+    assert "`--" not in str(refused.value).replace("`make demo DEMO_ARGS=--", "")  # no flag make users cannot pass
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
