@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 _EPILOG = """\
 Every run is `python train.py fit --config configs/<arm>.yaml [--config SETTING] --seed_everything K ...` in the
@@ -21,7 +22,7 @@ reported with its log and the others go on. Exit code: 0, or 1 if a run failed, 
 130 when interrupted (Ctrl-C, SIGTERM, SIGHUP: every run is stopped, SLURM jobs cancelled)."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``compare`` subcommand to the ``lightning-gc`` parser."""
     parser = subparsers.add_parser(
         "compare",
@@ -105,7 +106,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     local = parser.add_argument_group("on this machine (--launcher local)")
     local.add_argument(
-        "--jobs", type=_positive("--jobs"), default=1, metavar="N", help="runs at once (default 1); CPU threads are split"
+        "--jobs",
+        type=_positive("--jobs"),
+        default=1,
+        metavar="N",
+        help="runs at once (default 1); CPU threads are split",
     )
     local.add_argument(
         "--devices-per-run",
@@ -124,10 +129,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slurm.add_argument("--slurm-partition", metavar="P", help="sbatch --partition")
     slurm.add_argument("--slurm-time", metavar="T", help="sbatch --time per run, e.g. 02:00:00")
     slurm.add_argument(
-        "--slurm-gpus-per-run", type=_count("--slurm-gpus-per-run"), default=0, metavar="N", help="GPUs per run (default 0)"
+        "--slurm-gpus-per-run",
+        type=_count("--slurm-gpus-per-run"),
+        default=0,
+        metavar="N",
+        help="GPUs per run (default 0)",
     )
     slurm.add_argument(
-        "--slurm-cpus-per-run", type=_positive("--slurm-cpus-per-run"), default=1, metavar="N", help="CPUs per run (default 1)"
+        "--slurm-cpus-per-run",
+        type=_positive("--slurm-cpus-per-run"),
+        default=1,
+        metavar="N",
+        help="CPUs per run (default 1)",
     )
     slurm.add_argument(
         "--slurm-arg",
@@ -188,7 +201,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     return 1 if result.failed else 0
 
 
-def _positive(option: str):
+def _positive(option: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -201,7 +214,7 @@ def _positive(option: str):
     return parse
 
 
-def _count(option: str):
+def _count(option: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)

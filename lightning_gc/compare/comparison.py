@@ -133,7 +133,11 @@ class CompareOptions:
         if self.devices_per_run is not None:
             _check_count(self.devices_per_run, "--devices-per-run")
         _check_count(self.slurm_cpus_per_run, "--slurm-cpus-per-run")
-        if isinstance(self.slurm_gpus_per_run, bool) or not isinstance(self.slurm_gpus_per_run, int) or self.slurm_gpus_per_run < 0:
+        if (
+            isinstance(self.slurm_gpus_per_run, bool)
+            or not isinstance(self.slurm_gpus_per_run, int)
+            or self.slurm_gpus_per_run < 0
+        ):
             raise ProjectError(f"`--slurm-gpus-per-run` must be an integer >= 0, got {self.slurm_gpus_per_run!r}")
         local_only = {"--jobs": self.jobs != 1, "--devices-per-run": self.devices_per_run is not None,
                       "--share-devices": self.share_devices}  # fmt: skip
@@ -143,7 +147,9 @@ class CompareOptions:
         wrong = [o for o, given in (local_only if self.launcher == "slurm" else slurm_only).items() if given]
         if wrong:
             needs = "`--launcher local` (the default)" if self.launcher == "slurm" else "`--launcher slurm`"
-            raise ProjectError(f"`{wrong[0]}` applies to {needs} only; this comparison uses `--launcher {self.launcher}`")
+            raise ProjectError(
+                f"`{wrong[0]}` applies to {needs} only; this comparison uses `--launcher {self.launcher}`"
+            )
         if self.launcher == "slurm":
             self.slurm_options()
 
@@ -210,13 +216,19 @@ def run_comparison(options: CompareOptions, stream: TextIO | None = None) -> Com
         raise ProjectError("`--launcher slurm` submits with submitit: pip install 'lightning-gc[slurm]'")
     with resolve_project_dir(options.project) as (checked_root, name):
         _load(options, checked_root, name)  # every check before the output folder is touched
-        local = LocalLauncher(options.jobs, options.devices_per_run, options.share_devices) if options.launcher == "local" else None
+        local = (
+            LocalLauncher(options.jobs, options.devices_per_run, options.share_devices)
+            if options.launcher == "local"
+            else None
+        )
         out = Path(options.out) if options.out else Path("runs") / "compare" / _default_name(name, options.configs)
         out = out.absolute()
         folder, left = prepare_output(out, _settings(options), options.resume, options.overwrite)
         with folder, _ended_by_signals():
             if left:
-                stream.write(f"--overwrite removed what earlier comparisons wrote in {_shown(out)} and left the rest: {', '.join(left)}\n")
+                stream.write(
+                    f"--overwrite removed what earlier comparisons wrote in {_shown(out)} and left the rest: {', '.join(left)}\n"
+                )
             project = _load(options, _kept_copy(checked_root, options.project, folder), name)
             return _run(options, project, folder, local or _slurm_launcher(options, folder), stream)
 
@@ -227,8 +239,12 @@ def _run(
     out = folder.path
     points = grid(options.axes) if options.axes else []
     named = [(p.name, p.args) for p in points] or [("", ())]
-    todo = plans(project, range(options.seeds), out, options.max_epochs, options.lightning_args, named, options.devices_per_run)
-    stream.write(f"{len(todo)} runs: {len(named)} point(s) x {len(project.arms)} arms x {options.seeds} seed(s), {describe(launcher)}\n")
+    todo = plans(
+        project, range(options.seeds), out, options.max_epochs, options.lightning_args, named, options.devices_per_run
+    )
+    stream.write(
+        f"{len(todo)} runs: {len(named)} point(s) x {len(project.arms)} arms x {options.seeds} seed(s), {describe(launcher)}\n"
+    )
     progress = Progress(len(todo), stream, parallel=launcher.parallel)
     records = run_all(todo, launcher, progress, folder, options.resume)
     summaries: dict[str, Summary] = {}
@@ -377,10 +393,12 @@ def _settings(options: CompareOptions) -> dict[str, Any]:
         "devices_per_run": options.devices_per_run,
         "chance": options.chance,
         "slurm": {
-            "partition": options.slurm_partition, "time": options.slurm_time,
-            "gpus_per_run": options.slurm_gpus_per_run, "cpus_per_run": options.slurm_cpus_per_run,
+            "partition": options.slurm_partition,
+            "time": options.slurm_time,
+            "gpus_per_run": options.slurm_gpus_per_run,
+            "cpus_per_run": options.slurm_cpus_per_run,
             "args": list(options.slurm_args),
-        },  # fmt: skip
+        },
         "lightning_gc": lightning_gc.__version__,
     }
 

@@ -7,6 +7,7 @@ gets SIGTERM when its parent dies, ``prctl(PR_SET_PDEATHSIG)``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -33,8 +34,12 @@ class Running(Protocol):
 
     plan: RunPlan
     command: str
-    job_id: str | None
     started: float
+
+    @property
+    def job_id(self) -> str | None:
+        """The SLURM job id, ``None`` for a local run."""
+        ...
 
     def poll(self) -> tuple[bool, int | None]:
         """``(ended, exit code)``; the exit code is ``None`` while running or when unknown."""
@@ -70,7 +75,10 @@ class LocalRun:
     log: IO[str]
     slot: int
     started: float = field(default_factory=time.monotonic)
-    job_id: str | None = None
+
+    @property
+    def job_id(self) -> str | None:
+        return None
 
     def poll(self) -> tuple[bool, int | None]:
         code = self.process.poll()
@@ -242,10 +250,8 @@ def _cpu_count() -> int:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # -- SLURM, through lightning_gc.compare.slurm (submitit) -----------------------------------------------------
@@ -301,7 +307,7 @@ class SlurmBackend:
                 )
             )
         jobs = self._launcher.submit(runs) if runs else []
-        started = []
+        started: list[Running] = []
         for plan, job in zip(plans, jobs):
             (plan.run_dir / JOB_FILE).write_text(f'{{"job_id": "{job.job_id}"}}\n', encoding="utf-8")
             started.append(SlurmRunning(plan, plan.shell_line(env), job))
@@ -350,7 +356,9 @@ def _slurm_module() -> Any:
 def describe(launcher: Launcher) -> str:
     """One line on how the runs are spread: ``2 at once, OMP_NUM_THREADS=1 each``."""
     if isinstance(launcher, LocalLauncher):
-        shared = {k: v for k, v in launcher.slot_env[0].items() if k != "CUDA_VISIBLE_DEVICES"} if launcher.slot_env else {}
+        shared = (
+            {k: v for k, v in launcher.slot_env[0].items() if k != "CUDA_VISIBLE_DEVICES"} if launcher.slot_env else {}
+        )
         gpus = [e["CUDA_VISIBLE_DEVICES"] for e in launcher.slot_env if "CUDA_VISIBLE_DEVICES" in e]
         parts = [f"{launcher.parallel} at once on this machine"]
         if gpus:

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-import torch
 from torch import Tensor
 
 
@@ -151,8 +151,9 @@ class RunMonitor(Callback):
 
     def _hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         params: dict[str, Any] = {}
-        if trainer.datamodule is not None and getattr(trainer.datamodule, "_log_hyperparams", True):
-            params.update(trainer.datamodule.hparams_initial)
+        datamodule = getattr(trainer, "datamodule", None)  # set by the fit loop, not declared on Trainer
+        if datamodule is not None and getattr(datamodule, "_log_hyperparams", True):
+            params.update(datamodule.hparams_initial)
         if getattr(pl_module, "_log_hyperparams", True):
             params.update(pl_module.hparams_initial)
         params = {k: v for k, v in params.items() if not str(k).startswith("_")}  # LightningCLI's internals

@@ -18,7 +18,9 @@ LOCK_FILE = ".lightning-gc-compare.lock"
 AGAIN_VARIABLE = "LIGHTNING_GC_COMPARE_AGAIN"
 # What may differ between the invocation that started a comparison and one resuming it: the number of
 # seeds (more seeds add runs), what only the summary uses, and how the runs are spread over the machine.
-_RESUMABLE = frozenset({"seeds", "metric", "mode", "target", "chance", "lightning_gc", "jobs", "devices_per_run", "slurm"})
+_RESUMABLE = frozenset(
+    {"seeds", "metric", "mode", "target", "chance", "lightning_gc", "jobs", "devices_per_run", "slurm"}
+)
 # Outputs of comparisons made before the WRITTEN list existed.
 _LEGACY_OUTPUTS = ("summary.md", "summary.csv", "runs.csv", "curves.png", "sweep.csv", "sweep.png")
 

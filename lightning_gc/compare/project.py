@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -10,9 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import re
-
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 ARMS = ("baseline", "gc")  # the default arms; any `configs/<arm>.yaml` of a project can be one
 BASELINE = "baseline"
@@ -51,7 +50,7 @@ class Project:
 
 
 def load_project(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     name: str | None = None,
     configs: Sequence[str] = (),
     metric: str | None = None,

@@ -38,7 +38,9 @@ def labels(summary: Summary) -> dict[str, str]:
     }
 
 
-def markdown(summary: Summary, title: str, context: Sequence[str] = (), relative_to: str | os.PathLike = ".") -> str:
+def markdown(
+    summary: Summary, title: str, context: Sequence[str] = (), relative_to: str | os.PathLike[str] = "."
+) -> str:
     """The summary as Markdown: a title, context lines, the table (a column per arm, then each arm's
     difference from the first arm) and notes on the target and on every run left out of the means.
 
@@ -79,14 +81,27 @@ def markdown(summary: Summary, title: str, context: Sequence[str] = (), relative
     return "\n".join(line for line in lines if line is not None).rstrip() + "\n"
 
 
-def write_summary_csv(summary: Summary, path: str | os.PathLike) -> None:
+def write_summary_csv(summary: Summary, path: str | os.PathLike[str]) -> None:
     """One row per arm and measure: ``arm, measure, label, mean, std, display, n, runs, finished, collapsed,
     diverged, failed`` (``display``: ``mean ± std`` as the tables show it)."""
     names = labels(summary)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["arm", "measure", "label", "mean", "std", "display", "n", "runs", "finished", "collapsed", "diverged", "failed"]
+            [
+                "arm",
+                "measure",
+                "label",
+                "mean",
+                "std",
+                "display",
+                "n",
+                "runs",
+                "finished",
+                "collapsed",
+                "diverged",
+                "failed",
+            ]
         )
         for arm in summary.arms.values():
             counts = [len(arm.runs), *(arm.count(s) for s in (FINISHED, COLLAPSED, DIVERGED, FAILED))]
@@ -96,12 +111,23 @@ def write_summary_csv(summary: Summary, path: str | os.PathLike) -> None:
                 writer.writerow([arm.arm, measure, names[measure], _num(g.mean), _num(g.std), shown, g.n, *counts])
 
 
-def write_runs_csv(summary: Summary, path: str | os.PathLike) -> None:
+def write_runs_csv(summary: Summary, path: str | os.PathLike[str]) -> None:
     """One row per run, with its status, every measure, and where its log is."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["arm", "seed", "status", *MEASURES, "diverged_at_step", "returncode", "seconds", "job_id", "log", "command"]
+            [
+                "arm",
+                "seed",
+                "status",
+                *MEASURES,
+                "diverged_at_step",
+                "returncode",
+                "seconds",
+                "job_id",
+                "log",
+                "command",
+            ]
         )
         for arm in summary.arms.values():
             for run in arm.runs:
@@ -188,12 +214,16 @@ def _num(value: object) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, columns padded to their widest cell."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
 
 
-def _notes(summary: Summary, relative_to: str | os.PathLike) -> list[str]:
+def _notes(summary: Summary, relative_to: str | os.PathLike[str]) -> list[str]:
     notes = [
         "Mean ± sample standard deviation over the seeds whose runs finished, rounded to the first significant"
         " digit of the spread; one value when only one run counts."
@@ -237,7 +267,7 @@ COLLAPSE_RULE = (
 )
 
 
-def _shown(path: Path, relative_to: str | os.PathLike) -> str:
+def _shown(path: Path, relative_to: str | os.PathLike[str]) -> str:
     try:
         return Path(path).resolve().relative_to(Path(relative_to).resolve()).as_posix()
     except ValueError:

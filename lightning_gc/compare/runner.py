@@ -178,7 +178,9 @@ def load_record(run_dir: Path) -> RunRecord | None:
         return None
     known = {f.name for f in fields(RunRecord)}
     try:
-        return RunRecord(**{**{k: v for k, v in data.items() if k in known}, "run_dir": run_dir, "log": run_dir / LOG_FILE})
+        return RunRecord(
+            **{**{k: v for k, v in data.items() if k in known}, "run_dir": run_dir, "log": run_dir / LOG_FILE}
+        )
     except TypeError:
         return None
 

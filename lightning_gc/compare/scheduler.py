@@ -6,7 +6,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 
-from lightning_gc.compare.launchers import Launcher, RunStartError, Running, SlurmBackend
+from lightning_gc.compare.launchers import Launcher, Running, RunStartError, SlurmBackend
 from lightning_gc.compare.output import OutputFolder
 from lightning_gc.compare.progress import Progress
 from lightning_gc.compare.project import ProjectError

@@ -161,9 +161,7 @@ def summarize(
     return Summary(metric, mode, target_used, target is not None, summaries)
 
 
-def collapse_reason(
-    scalars: dict[str, Series], metric: str, mode: str, chance: float | None
-) -> str:
+def collapse_reason(scalars: dict[str, Series], metric: str, mode: str, chance: float | None) -> str:
     """Why a finished run counts as collapsed (dead), or ``""``. The rule:
 
     * its final ``metric`` is no better than ``chance`` (a constant predictor's value) by more than

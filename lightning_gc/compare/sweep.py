@@ -18,9 +18,7 @@ from lightning_gc.compare.summary import COLLAPSED, DIVERGED, FAILED, FINISHED, 
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
-STABLE_RULE = (
-    "Stable: every seed of the arm finished at that value, none collapsed, diverged or failed."
-)
+STABLE_RULE = "Stable: every seed of the arm finished at that value, none collapsed, diverged or failed."
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,9 @@ def grid(axes: Sequence[Axis]) -> list[Point]:
         >>> [p.name for p in grid([Axis("a", ("1", "2")), Axis("b", ("x",))])]
         ['a=1,b=x', 'a=2,b=x']
     """
-    points = [Point(tuple(zip((a.key for a in axes), values))) for values in itertools.product(*(a.values for a in axes))]
+    points = [
+        Point(tuple(zip((a.key for a in axes), values))) for values in itertools.product(*(a.values for a in axes))
+    ]
     names = [p.name for p in points]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
@@ -124,7 +124,9 @@ def stable_ranges(axes: Sequence[Axis], points: Sequence[Point], summaries: Sequ
     for arm in arms:
         flags = [stable(s.arms[arm]) for s in summaries]
         unstable = [
-            f"{_point_text(axes, p)} ({_what_went_wrong(s.arms[arm])})" for p, s, ok in zip(points, summaries, flags) if not ok
+            f"{_point_text(axes, p)} ({_what_went_wrong(s.arms[arm])})"
+            for p, s, ok in zip(points, summaries, flags)
+            if not ok
         ]
         if not any(flags):
             text = "stable nowhere in the sweep"
@@ -154,7 +156,15 @@ def sweep_markdown(
     for point, summary in zip(points, summaries):
         for arm in summary.arms.values():
             values = [point.value(a.key) for a in axes]
-            rows.append([*values, arm.arm, runs_cell(arm), plus_minus(arm.aggregates["final"]), plus_minus(arm.aggregates["best"])])
+            rows.append(
+                [
+                    *values,
+                    arm.arm,
+                    runs_cell(arm),
+                    plus_minus(arm.aggregates["final"]),
+                    plus_minus(arm.aggregates["best"]),
+                ]
+            )
     ranges = stable_ranges(axes, points, summaries)
     lines = [
         f"## {title}",
@@ -169,13 +179,13 @@ def sweep_markdown(
         "",
         "- Mean ± sample standard deviation over the seeds that finished (collapsed, diverged and failed runs are"
         " counted in `runs` and left out), rounded to the first significant digit of the spread.",
-        f"- Per point: `<point>/summary.md` (every measure, notes on each run left out); `sweep.csv`, `sweep.png`.",
+        "- Per point: `<point>/summary.md` (every measure, notes on each run left out); `sweep.csv`, `sweep.png`.",
     ]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def write_sweep_csv(
-    axes: Sequence[Axis], points: Sequence[Point], summaries: Sequence[Summary], path: str | os.PathLike
+    axes: Sequence[Axis], points: Sequence[Point], summaries: Sequence[Summary], path: str | os.PathLike[str]
 ) -> None:
     """One row per point and arm: the swept keys, ``arm``, run counts, the metric's and steps to target's mean,
     std and display (``mean ± std`` as the tables show it), the target, and whether the arm was stable there."""
@@ -203,7 +213,11 @@ def write_sweep_csv(
 
 
 def plot_sweep(
-    axes: Sequence[Axis], points: Sequence[Point], summaries: Sequence[Summary], path: str | os.PathLike, title: str = ""
+    axes: Sequence[Axis],
+    points: Sequence[Point],
+    summaries: Sequence[Summary],
+    path: str | os.PathLike[str],
+    title: str = "",
 ) -> None:
     """``sweep.png``: the final metric against the first swept key, a line per arm (mean over finished seeds)
     with a ±1 std band and each finished seed as a dot; diverged seeds as ``x`` and collapsed ones as ``v`` at
@@ -244,7 +258,9 @@ def plot_sweep(
                     count = arm_summary.count(status)
                     if count:
                         shift = _shifted(x, index, len(arms), log, positions)
-                        ax.scatter([shift], [height], marker=marker, color=color, transform=marker_row, s=30, clip_on=False)
+                        ax.scatter(
+                            [shift], [height], marker=marker, color=color, transform=marker_row, s=30, clip_on=False
+                        )
                         ax.annotate(f"{count}", (shift, height), xycoords=marker_row, xytext=(4, -3),
                                     textcoords="offset points", fontsize=7, color=color)  # fmt: skip
             if xs:
@@ -263,7 +279,10 @@ def plot_sweep(
         handles, names = ax.get_legend_handles_labels()
         from matplotlib.lines import Line2D
 
-        handles += [Line2D([], [], marker="x", linestyle="", color="gray"), Line2D([], [], marker="v", linestyle="", color="gray")]
+        handles += [
+            Line2D([], [], marker="x", linestyle="", color="gray"),
+            Line2D([], [], marker="v", linestyle="", color="gray"),
+        ]
         names += ["diverged seeds (count)", "collapsed seeds (count)"]
         ax.legend(handles, names, fontsize=7)
     if title:
@@ -274,7 +293,12 @@ def plot_sweep(
 
 
 def _summary_at(
-    points: Sequence[Point], summaries: Sequence[Summary], key: str, value: str, rest: Sequence[Axis], others: tuple[str, ...]
+    points: Sequence[Point],
+    summaries: Sequence[Summary],
+    key: str,
+    value: str,
+    rest: Sequence[Axis],
+    others: tuple[str, ...],
 ) -> Summary | None:
     wanted = {key: value, **{a.key: v for a, v in zip(rest, others)}}
     for point, summary in zip(points, summaries):

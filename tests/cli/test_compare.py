@@ -13,10 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from slurm_cluster import requires_slurm  # noqa: F401  (the fixture)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gc.cli import main
-from slurm_cluster import requires_slurm  # noqa: F401  (the fixture)
 
 TINY_PROJECT = Path(__file__).parents[1] / "compare" / "fixtures" / "tiny_project"
 
@@ -317,7 +317,10 @@ def _gone_within(pid: int, seconds: float) -> bool:
             __import__("os").kill(pid, 0)
         except ProcessLookupError:
             return True
-        if Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+        if (
+            Path(f"/proc/{pid}/stat").is_file()
+            and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        ):
             return True  # a zombie: it ended, its parent (init or the test) has not reaped it yet
         time.sleep(0.2)
     return False
@@ -364,7 +367,10 @@ def test_compare_on_slurm_runs_each_run_as_a_job_and_records_it(tmp_path):
     jobs = {arm: json.loads((out / arm / "seed_0" / "run.json").read_text())["job_id"] for arm in ("baseline", "gc")}
     assert all(jobs.values()) and len(set(jobs.values())) == 2
     assert jobs["baseline"].split("_")[0] == jobs["gc"].split("_")[0]  # one job array
-    assert "Testing" in (out / "gc" / "seed_0" / "train.log").read_text() or (out / "gc" / "seed_0" / "hparams.yaml").is_file()
+    assert (
+        "Testing" in (out / "gc" / "seed_0" / "train.log").read_text()
+        or (out / "gc" / "seed_0" / "hparams.yaml").is_file()
+    )
     runs = {r["arm"]: r for r in csv.DictReader(open(out / "runs.csv"))}
     assert runs["gc"]["job_id"] == jobs["gc"] and runs["gc"]["status"] == "finished"
 

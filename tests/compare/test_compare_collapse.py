@@ -102,6 +102,13 @@ def test_three_arms_get_a_difference_column_each_against_the_first(tmp_path):
     ]
     summary = summarize(records, "val/acc", "max", arms=["baseline", "gc", "gcupdate"])
     header = markdown(summary, "t").splitlines()[2]
-    assert [c.strip() for c in header.strip("|").split("|")] == ["", "baseline", "gc", "gcupdate", "gc − baseline", "gcupdate − baseline"]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "",
+        "baseline",
+        "gc",
+        "gcupdate",
+        "gc − baseline",
+        "gcupdate − baseline",
+    ]
     final_row = next(line for line in markdown(summary, "t").splitlines() if line.startswith("| final val/acc"))
     assert [c.strip() for c in final_row.strip("|").split("|")][-2:] == ["+0.02", "+0.05"]

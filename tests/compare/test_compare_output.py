@@ -103,7 +103,9 @@ def test_a_second_comparison_on_a_held_folder_is_refused_naming_the_holder(tmp_p
     # Issue 15: two `compare --resume` on one --out both ran every run into the same folders.
     folder, _ = prepare_output(tmp_path, SETTINGS)
     try:
-        with pytest.raises(ProjectError, match=rf"is in use by another lightning-gc compare \(pid {__import__('os').getpid()}\)"):
+        with pytest.raises(
+            ProjectError, match=rf"is in use by another lightning-gc compare \(pid {__import__('os').getpid()}\)"
+        ):
             prepare_output(tmp_path, SETTINGS, resume=True)
     finally:
         folder.close()

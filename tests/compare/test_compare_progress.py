@@ -25,7 +25,9 @@ def test_progress_names_the_run_and_the_state_of_the_whole_study():
     progress.finish("gc seed_0", _record("gc", 0, DIVERGED, 12.0, diverged_at=5))
     progress.finish("baseline seed_1", _record("baseline", 1, FAILED, 4.0, returncode=1))
     lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("baseline seed_0: finished earlier, skipped (--resume) | study 20% | 1 done, 0 running, 4 left")
+    assert lines[0].startswith(
+        "baseline seed_0: finished earlier, skipped (--resume) | study 20% | 1 done, 0 running, 4 left"
+    )
     assert lines[1].startswith("gc seed_0: starting | study 20% | 1 done, 1 running, 3 left")
     assert lines[2].startswith("baseline seed_1: starting | study 20% | 1 done, 2 running, 2 left")
     assert lines[3].startswith("gc seed_0: epoch 1/2, step 3/10 | study 26% | 1 done, 2 running, 2 left")
@@ -43,4 +45,6 @@ def test_a_terminal_gets_the_latest_run_rewritten_in_place():
     progress.start("gc seed_0")
     progress.update("gc seed_0", {"epoch": 0, "max_epochs": 1, "step": 1, "total_steps": 2})
     assert stream.getvalue().count("\n") == 0 and stream.getvalue().count("\r\033[K") == 2
-    assert stream.getvalue().endswith("gc seed_0: epoch 1/1, step 1/2 | study 25% | 0 done, 1 running, 1 left | 0:00:00 elapsed")
+    assert stream.getvalue().endswith(
+        "gc seed_0: epoch 1/1, step 1/2 | study 25% | 0 done, 1 running, 1 left | 0:00:00 elapsed"
+    )

@@ -152,5 +152,7 @@ def test_an_arm_named_gc_needs_the_callback_and_all_arms_select_checkpoints_alik
         load_project(project, arms=["baseline", "gc_update"])
     shutil.copy(project / "configs" / "baseline.yaml", project / "configs" / "plain.yaml")
     _edit(project / "configs" / "plain.yaml", lambda c: c["trainer"]["callbacks"][0]["init_args"].update(mode="min"))
-    with pytest.raises(ProjectError, match=r"monitor/mode differ \(gc \('val/acc', 'max'\), plain \('val/acc', 'min'\)\)"):
+    with pytest.raises(
+        ProjectError, match=r"monitor/mode differ \(gc \('val/acc', 'max'\), plain \('val/acc', 'min'\)\)"
+    ):
         load_project(project, arms=["gc", "plain"])

@@ -58,7 +58,9 @@ def test_a_sweep_point_goes_last_and_into_its_own_folder(tiny_project, tmp_path)
 def test_the_recorded_shell_line_reruns_from_anywhere(tiny_project, tmp_path):
     plan = plans(load_project(tiny_project), [0], tmp_path, 1, [])[1]
     line = plan.shell_line({"OMP_NUM_THREADS": "1"})
-    assert line.startswith(f"cd {shlex.quote(str(Path(tiny_project).resolve()))} && OMP_NUM_THREADS=1 {sys.executable} train.py fit")
+    assert line.startswith(
+        f"cd {shlex.quote(str(Path(tiny_project).resolve()))} && OMP_NUM_THREADS=1 {sys.executable} train.py fit"
+    )
     assert shlex.split(line)[4:] == plan.command()
 
 
@@ -71,7 +73,9 @@ def test_gpus_are_given_one_group_per_run_and_never_shared_unless_asked():
     launcher = LocalLauncher(jobs=2, devices_per_run=2, gpus=["0", "1", "2", "3"], cpus=8, environ={})
     assert [e["CUDA_VISIBLE_DEVICES"] for e in launcher.slot_env] == ["0,1", "2,3"]
     assert launcher.slot_env[0]["OMP_NUM_THREADS"] == "4"
-    with pytest.raises(ProjectError, match=r"`--jobs` 3 x `--devices-per-run` 2 needs 6 GPUs, 4 visible \(0,1,2,3\).*--share-devices"):
+    with pytest.raises(
+        ProjectError, match=r"`--jobs` 3 x `--devices-per-run` 2 needs 6 GPUs, 4 visible \(0,1,2,3\).*--share-devices"
+    ):
         LocalLauncher(jobs=3, devices_per_run=2, gpus=["0", "1", "2", "3"], environ={})
     shared = LocalLauncher(jobs=3, devices_per_run=2, share_devices=True, gpus=["0", "1", "2", "3"], environ={})
     assert [e["CUDA_VISIBLE_DEVICES"] for e in shared.slot_env] == ["0,1", "2,3", "0,1"]
@@ -82,7 +86,10 @@ def test_gpus_are_given_one_group_per_run_and_never_shared_unless_asked():
 
 
 def test_cpu_threads_are_split_unless_the_user_chose_them():
-    assert LocalLauncher(jobs=3, gpus=[], cpus=8, environ={}).slot_env[2] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert LocalLauncher(jobs=3, gpus=[], cpus=8, environ={}).slot_env[2] == {
+        "OMP_NUM_THREADS": "2",
+        "MKL_NUM_THREADS": "2",
+    }
     assert LocalLauncher(jobs=4, gpus=[], cpus=2, environ={}).slot_env[0]["OMP_NUM_THREADS"] == "1"
     assert LocalLauncher(jobs=2, gpus=[], cpus=8, environ={"OMP_NUM_THREADS": "3"}).slot_env == [{}, {}]
     visible = LocalLauncher(jobs=1, cpus=1, environ={"CUDA_VISIBLE_DEVICES": "5,7"})

@@ -8,7 +8,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gc.compare.project import ProjectError
 from lightning_gc.compare.summary import DIVERGED, FAILED, FINISHED, RunRecord, summarize
-from lightning_gc.compare.sweep import Axis, grid, parse_sweeps, plot_sweep, stable_ranges, sweep_markdown, write_sweep_csv
+from lightning_gc.compare.sweep import (
+    Axis,
+    grid,
+    parse_sweeps,
+    plot_sweep,
+    stable_ranges,
+    sweep_markdown,
+    write_sweep_csv,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +64,9 @@ def _record(root: Path, point: str, arm: str, seed: int, status: str, final: flo
             writer.add_scalar("train/grad_norm", 1.0, step)
         writer.add_scalar("val/acc", final, 12)
         writer.close()
-    return RunRecord(arm, seed, status, run_dir, run_dir / "train.log", 0, 5 if status == DIVERGED else None, 1.0, point)
+    return RunRecord(
+        arm, seed, status, run_dir, run_dir / "train.log", 0, 5 if status == DIVERGED else None, 1.0, point
+    )
 
 
 # model.lr -> arm -> (status, final val/acc) per seed
