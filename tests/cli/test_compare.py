@@ -4,7 +4,9 @@ import contextlib
 import csv
 import io
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -294,34 +296,53 @@ def test_a_template_is_kept_in_the_output_folder_so_its_runs_can_be_rerun(tmp_pa
 # -- compare owns what it starts (issue 15) -------------------------------------------------------------
 
 
-def _start_long_comparison(out: Path) -> subprocess.Popen:
-    """`compare` in its own process, on a run that takes minutes; returns once the run has started."""
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@contextlib.contextmanager
+def _long_comparison(out: Path):
+    """`compare` in its own process, on a run that takes minutes; yields (compare, its train.py child) once the
+    run has started, and kills both on the way out whatever happened."""
     compare = subprocess.Popen(
         [sys.executable, "-m", "lightning_gc", "compare", str(TINY_PROJECT), "--seeds", "1", "--max-epochs", "2000",
          "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    process_file = out / "baseline" / "seed_0" / "process.json"
-    deadline = time.monotonic() + 120
-    while not process_file.is_file() and time.monotonic() < deadline:
-        assert compare.poll() is None, compare.stderr.read().decode()
-        time.sleep(0.2)
-    time.sleep(0.5)
-    return compare
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "baseline" / "seed_0" / "status.json").is_file() and time.monotonic() < deadline:
+            assert compare.poll() is None, compare.stderr.read().decode()
+            time.sleep(0.2)
+        children = _children(compare.pid)
+        assert len(children) == 1, f"compare's children: {children}"
+        yield compare, children[0]
+    finally:
+        for pid in [compare.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        compare.wait()
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            __import__("os").kill(pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             return True
-        if (
-            Path(f"/proc/{pid}/stat").is_file()
-            and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-        ):
-            return True  # a zombie: it ended, its parent (init or the test) has not reaped it yet
+        if state == "Z":
+            return True  # ended; its parent (init or the test) has not reaped it yet
         time.sleep(0.2)
     return False
 
@@ -330,26 +351,20 @@ def _gone_within(pid: int, seconds: float) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_run_stops_when_compare_is_killed(tmp_path):
     # Issue 15: after `kill -9` of compare, its train.py child kept running.
-    out = tmp_path / "killed"
-    compare = _start_long_comparison(out)
-    child = json.loads((out / "baseline" / "seed_0" / "process.json").read_text())["pid"]
-    compare.kill()
-    compare.wait()
-    assert _gone_within(child, 30), f"train.py (pid {child}) outlived its SIGKILLed compare"
+    with _long_comparison(tmp_path / "killed") as (compare, child):
+        compare.kill()
+        compare.wait()
+        assert _gone_within(child, 30), f"train.py (pid {child}) outlived its SIGKILLed compare"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_compare_ended_by_a_signal_ends_its_runs_and_says_how_to_resume(tmp_path, sig):
-    import signal as signals
-
-    out = tmp_path / sig
-    compare = _start_long_comparison(out)
-    child = json.loads((out / "baseline" / "seed_0" / "process.json").read_text())["pid"]
-    compare.send_signal(getattr(signals, sig))
-    assert compare.wait(60) == 130
-    assert f"stopped by {sig}; its runs were stopped" in compare.stderr.read().decode()
-    assert _gone_within(child, 5)
+    with _long_comparison(tmp_path / sig) as (compare, child):
+        compare.send_signal(getattr(signal, sig))
+        assert compare.wait(60) == 130
+        assert f"stopped by {sig}; its runs were stopped" in compare.stderr.read().decode()
+        assert _gone_within(child, 5)
 
 
 # -- SLURM: the one-node cluster of .ci/slurm-up ---------------------------------------------------------
@@ -396,7 +411,7 @@ def test_resume_on_slurm_attaches_to_running_jobs_and_a_signal_cancels_them(tmp_
         assert line, second.stderr.read()
         lines.append(line)
     assert not any("starting" in line for line in lines)  # attached, not submitted a second time
-    second.send_signal(__import__("signal").SIGTERM)
+    second.send_signal(signal.SIGTERM)
     assert second.wait(60) == 130
     for job_id in job_ids:  # 2000 epochs take many minutes: a job that left the queue now was cancelled
         deadline = time.monotonic() + 60

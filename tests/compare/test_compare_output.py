@@ -2,6 +2,7 @@
 `--overwrite` removes only what comparisons wrote."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -103,9 +104,7 @@ def test_a_second_comparison_on_a_held_folder_is_refused_naming_the_holder(tmp_p
     # Issue 15: two `compare --resume` on one --out both ran every run into the same folders.
     folder, _ = prepare_output(tmp_path, SETTINGS)
     try:
-        with pytest.raises(
-            ProjectError, match=rf"is in use by another lightning-gc compare \(pid {__import__('os').getpid()}\)"
-        ):
+        with pytest.raises(ProjectError, match=rf"is in use by another lightning-gc compare \(pid {os.getpid()}\)"):
             prepare_output(tmp_path, SETTINGS, resume=True)
     finally:
         folder.close()

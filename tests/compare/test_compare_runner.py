@@ -1,6 +1,7 @@
 """The training command follows the template convention, then the monitor, the user's args and the sweep
 point; runs are spread over the machine's GPUs and CPU threads; the scheduler keeps what --resume may keep."""
 
+import io
 import json
 import os
 import shlex
@@ -172,7 +173,7 @@ def test_resume_waits_for_slurm_jobs_still_queued_instead_of_submitting_them_aga
         plan.run_dir.mkdir(parents=True)
         (plan.run_dir / JOB_FILE).write_text(json.dumps({"job_id": job}))
     launcher = FakeSlurm({"7_0": queued, "7_1": FakeJob("7_1", "CANCELLED")})  # 7_1 ended without a record
-    stream = __import__("io").StringIO()
+    stream = io.StringIO()
 
     import threading
 
@@ -200,7 +201,7 @@ def test_an_interrupted_study_cancels_its_slurm_jobs(tiny_project, tmp_path):
 
     (todo[0].run_dir / "status.json").write_text(json.dumps({"state": "running", "epoch": 0}))
     with pytest.raises(KeyboardInterrupt):
-        run_all(todo[:1], launcher, Stop(1, stream=__import__("io").StringIO(), tty=False), folder, resume=True)
+        run_all(todo[:1], launcher, Stop(1, stream=io.StringIO(), tty=False), folder, resume=True)
     folder.close()
     assert job.cancelled
     assert not (todo[0].run_dir / PROCESS_FILE).exists()

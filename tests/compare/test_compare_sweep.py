@@ -1,6 +1,7 @@
 """Sweeps: parsing, the grid, folder names, each arm's stable range, sweep.csv and sweep.png."""
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from lightning_gc.compare.sweep import (
     ],
 )
 def test_bad_sweeps_are_refused_naming_the_option(spec, message):
-    with pytest.raises(ProjectError, match=__import__("re").escape(message)):
+    with pytest.raises(ProjectError, match=re.escape(message)):
         parse_sweeps([spec])
 
 
