@@ -23,6 +23,8 @@ from lightning_gc.compare.project import ProjectError
 from lightning_gc.compare.runner import JOB_FILE, LOG_FILE, RunPlan, note_process
 
 LAUNCHERS = ("local", "slurm")
+# Variables of the user's environment that a run's recorded command repeats (they change how it runs).
+_RECORDED = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
 # SLURM states of a job that has not ended yet (`squeue`'s long names).
 SLURM_ACTIVE = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "STAGE_OUT", "UNKNOWN"}
@@ -159,7 +161,8 @@ class LocalLauncher:
     def _start(self, plan: RunPlan) -> LocalRun:
         slot = self._free.pop(0)
         env = {**self.environ, "PYTHONUNBUFFERED": "1", **self.slot_env[slot]}
-        command = plan.shell_line(self.slot_env[slot])
+        chosen = {k: self.environ[k] for k in _RECORDED if k in self.environ}  # what the user set shapes the run too
+        command = plan.shell_line({**chosen, **self.slot_env[slot]})
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         log = open(plan.run_dir / LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115 - closed when the run ends
         log.write(f"$ {command}\n\n")

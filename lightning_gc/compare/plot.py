@@ -107,7 +107,8 @@ def plot_curves(summary: Summary, path: str | os.PathLike[str], title: str = "")
         if diverged_drawn and band:
             _zoom_to(ax, np.concatenate(band), log_scale)  # a diverged run's blow-up would flatten the rest
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # an arm with no finished or diverged run draws nothing
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
