@@ -309,7 +309,10 @@ class SlurmBackend:
                     key=plan.key, argv=plan.command(), cwd=plan.project.root, env=env, log=plan.run_dir / LOG_FILE
                 )
             )
-        jobs = self._launcher.submit(runs) if runs else []
+        try:
+            jobs = self._launcher.submit(runs) if runs else []
+        except Exception as err:  # sbatch refused them (submitit raises several kinds): nothing was submitted
+            raise ProjectError(f"`--launcher slurm`: the jobs could not be submitted: {err}") from err
         started: list[Running] = []
         for plan, job in zip(plans, jobs):
             (plan.run_dir / JOB_FILE).write_text(f'{{"job_id": "{job.job_id}"}}\n', encoding="utf-8")

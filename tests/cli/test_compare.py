@@ -119,6 +119,10 @@ def test_comparison_shows_progress_and_writes_the_summary_files(tiny_comparison)
     assert rows["gc", "final"]["display"] == f"{float(rows['gc', 'final']['mean']):.4g}"  # one seed: one value
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "comparison.json").read_text())["max_epochs"] == 2
+    # the TensorBoard arm view, written at the end of the comparison
+    arm = EventAccumulator(str(out / "arms" / "gc"), size_guidance={"scalars": 0})
+    arm.Reload()
+    assert {"train/loss/mean", "train/loss/mean-std", "train/loss/mean+std"} <= set(arm.Tags()["scalars"])
 
 
 @pytest.mark.slow
@@ -248,6 +252,7 @@ def test_a_sweep_runs_every_point_arm_and_seed_and_summarises_the_sweep(tiny_swe
             assert record["point"] == point
         assert "| runs " in (out / point / "summary.md").read_text()
         assert (out / point / "curves.png").is_file()
+        assert (out / point / "arms" / "gc").is_dir()  # each point's TensorBoard arm view
     hparams = (out / "model.lr=1e6" / "gc" / "seed_0" / "hparams.yaml").read_text()
     assert "lr: 1000000.0" in hparams  # the point's value reached the model
     rows = list(csv.DictReader(open(out / "sweep.csv")))
@@ -422,3 +427,13 @@ def test_resume_on_slurm_attaches_to_running_jobs_and_a_signal_cancels_them(tmp_
                 break
             time.sleep(0.5)
         assert not queued, f"job {job_id} still queued or running after compare's SIGTERM: {queued}"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("requires_slurm")
+def test_a_submission_the_cluster_refuses_is_a_clear_error(tmp_path):
+    code, _, stderr = _compare(
+        TINY_PROJECT, "--seeds", 1, "--out", tmp_path / "refused", "--launcher", "slurm", "--slurm-gpus-per-run", 64
+    )
+    assert code == 2 and "`--launcher slurm`: the jobs could not be submitted:" in stderr
+    assert "Traceback" not in stderr
