@@ -256,7 +256,12 @@ def _run(
     written = ["summary.md", "summary.csv", "runs.csv", "curves.png"]
     if points:
         text = _write_sweep(options, project, folder, points, list(summaries.values()))
-        written = ["summary.md", "sweep.csv", "sweep.png", "<point>/summary.md ..."]
+        written = [
+            "summary.md",
+            "sweep.csv",
+            "sweep.png",
+            "per point: <point>/summary.md, summary.csv, runs.csv, curves.png",
+        ]
     else:
         text = (out / "summary.md").read_text(encoding="utf-8")
     stream.write("\n" + text + "\n")
