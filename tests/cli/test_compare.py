@@ -437,3 +437,31 @@ def test_a_submission_the_cluster_refuses_is_a_clear_error(tmp_path):
     )
     assert code == 2 and "`--launcher slurm`: the jobs could not be submitted:" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_overwrite_keeps_the_files_a_user_put_in_out(tmp_path):
+    # Issue 15: `compare --overwrite` removed the whole --out folder, including files the user put there.
+    out = tmp_path / "mine"
+    args = [TINY_PROJECT, "--seeds", 1, "--max-epochs", 1, "--out", out]
+    assert _compare(*args)[0] == 0
+    (out / "notes.txt").write_text("my notes")
+    (out / "gc" / "plot-by-hand.py").write_text("print(1)")
+    code, stdout, stderr = _compare(*args, "--overwrite")
+    assert code == 0, stderr
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "gc" / "plot-by-hand.py").is_file()
+    assert "left the rest: gc/plot-by-hand.py, notes.txt" in stdout
+
+
+@pytest.mark.slow
+def test_a_second_compare_on_the_same_out_is_refused_naming_the_first(tmp_path):
+    # Issue 15: two `compare --resume` on one --out both ran every run into the same folders.
+    out = tmp_path / "busy"
+    with _long_comparison(out) as (first, _):
+        second = subprocess.run(
+            [sys.executable, "-m", "lightning_gc", "compare", str(TINY_PROJECT), "--seeds", "1", "--max-epochs", "2000",
+             "--out", str(out), "--resume"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode == 2
+        assert f"is in use by another lightning-gc compare (pid {first.pid})" in second.stderr
