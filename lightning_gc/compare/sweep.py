@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -286,7 +287,7 @@ def plot_sweep(
         names += ["diverged seeds (count)", "collapsed seeds (count)"]
         ax.legend(handles, names, fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle("\n".join(textwrap.wrap(title, 70 * len(panels))), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
