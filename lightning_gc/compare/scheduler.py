@@ -105,20 +105,20 @@ def _kept_or_attached(
 def _started(
     batch: Sequence[RunPlan], launcher: Launcher, progress: Progress, records: dict[str, RunRecord]
 ) -> list[Running]:
+    if isinstance(launcher, SlurmBackend):
+        for plan in batch:
+            progress.start(plan.label)
+        return launcher.start(batch) if batch else []  # one submission: a job array
     started: list[Running] = []
     for plan in batch:
         try:
-            started += launcher.start([plan]) if not isinstance(launcher, SlurmBackend) else []
+            started += launcher.start([plan])
         except RunStartError as err:
-            record = save_record(
-                RunRecord(plan.arm, plan.seed, FAILED, plan.run_dir, plan.run_dir / "train.log", point=plan.point)
-            )
-            records[plan.key] = record
+            record = RunRecord(plan.arm, plan.seed, FAILED, plan.run_dir, plan.run_dir / "train.log", point=plan.point)
+            records[plan.key] = save_record(record)
             progress.finish(plan.label, record, reason=str(err))
             continue
         progress.start(plan.label)
-    if isinstance(launcher, SlurmBackend) and batch:
-        started = launcher.start(batch)  # one submission: a job array
     return started
 
 

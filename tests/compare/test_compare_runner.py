@@ -205,3 +205,18 @@ def test_an_interrupted_study_cancels_its_slurm_jobs(tiny_project, tmp_path):
     folder.close()
     assert job.cancelled
     assert not (todo[0].run_dir / PROCESS_FILE).exists()
+
+
+def test_a_run_that_cannot_start_is_a_failed_run_and_the_others_go_on(tiny_project, tmp_path):
+    from dataclasses import replace
+
+    project = load_project(tiny_project)
+    gone = replace(project, root=tmp_path / "deleted-project")  # the working directory vanished
+    todo = plans(gone, [0], tmp_path / "out", 1, [])
+    folder, _ = prepare_output(tmp_path / "out", {"project": "p"})
+    stream = io.StringIO()
+    records = run_all(todo, LocalLauncher(jobs=2, gpus=[], environ={}), Progress(2, stream=stream, tty=False), folder)
+    folder.close()
+    assert [(r.status, r.returncode) for r in records] == [("failed", None), ("failed", None)]
+    assert "could not start" in (todo[0].run_dir / "train.log").read_text()
+    assert "baseline seed_0: FAILED (baseline seed_0: could not start:" in stream.getvalue()
