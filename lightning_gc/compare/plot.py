@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def mean_curve(curves: list[Series]) -> Curve | None:
     return Curve(grid[valid], np.nanmean(kept, 0), np.nanstd(kept, 0), np.nanmin(kept, 0), np.nanmax(kept, 0))
 
 
-def plot_curves(summary: Summary, path: str | os.PathLike, title: str = "") -> None:
+def plot_curves(summary: Summary, path: str | os.PathLike[str], title: str = "") -> None:
     """Write the comparison's curves to ``path`` (PNG): training loss, the primary metric, and, when logged,
     ``train/grad_norm`` and ``gc/removed_norm_ratio``. Diverged runs are drawn as thin dashed lines.
     """
@@ -96,8 +96,8 @@ def plot_curves(summary: Summary, path: str | os.PathLike, title: str = "") -> N
             for i, run in enumerate(arm.with_status(DIVERGED)):
                 if tag in run.scalars:
                     series = run.scalars[tag]
-                    label = f"{arm.arm} diverged" if i == 0 else None
-                    ax.plot(series.steps, series.values, color=color, linestyle="--", linewidth=0.8, label=label)
+                    dashed_label = f"{arm.arm} diverged" if i == 0 else None
+                    ax.plot(series.steps, series.values, color=color, linestyle="--", linewidth=0.8, label=dashed_label)
                     diverged_drawn = True
         ax.set_title(tag)
         ax.set_xlabel("step")
@@ -107,7 +107,8 @@ def plot_curves(summary: Summary, path: str | os.PathLike, title: str = "") -> N
         if diverged_drawn and band:
             _zoom_to(ax, np.concatenate(band), log_scale)  # a diverged run's blow-up would flatten the rest
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # an arm with no finished or diverged run draws nothing
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -115,7 +116,7 @@ def plot_curves(summary: Summary, path: str | os.PathLike, title: str = "") -> N
     plt.close(fig)
 
 
-def _zoom_to(ax, values: np.ndarray, log_scale: bool) -> None:
+def _zoom_to(ax: Any, values: np.ndarray, log_scale: bool) -> None:
     values = values[np.isfinite(values)]
     if log_scale:
         values = values[values > 0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -10,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
-ARMS = ("baseline", "gc")
+ARMS = ("baseline", "gc")  # the default arms; any `configs/<arm>.yaml` of a project can be one
+BASELINE = "baseline"
 MODES = ("min", "max")
 _GC_CALLBACK = "GradientCentralization"
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class ProjectError(ValueError):
@@ -31,6 +34,7 @@ class Project:
         overlays: setting configs applied after each arm's config, absolute paths, in order.
         metric: the primary validation metric, e.g. ``"val/acc"``.
         mode: ``"max"`` if higher is better, ``"min"`` if lower is better.
+        arms: the arms compared, in order; the first is the reference of the differences column.
     """
 
     root: Path
@@ -38,18 +42,20 @@ class Project:
     overlays: tuple[Path, ...]
     metric: str
     mode: str
+    arms: tuple[str, ...] = ARMS
 
     def arm_config(self, arm: str) -> Path:
-        """The config file of ``arm`` (``configs/baseline.yaml`` or ``configs/gc.yaml``)."""
+        """The config file of ``arm``: ``configs/<arm>.yaml``."""
         return self.root / "configs" / f"{arm}.yaml"
 
 
 def load_project(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     name: str | None = None,
     configs: Sequence[str] = (),
     metric: str | None = None,
     mode: str | None = None,
+    arms: Sequence[str] = ARMS,
 ) -> Project:
     """Check a project folder and read the primary metric from its ``ModelCheckpoint``.
 
@@ -63,11 +69,12 @@ def load_project(
         metric: overrides the checkpoint's ``monitor``.
         mode: ``"min"`` or ``"max"``; overrides the checkpoint's ``mode``. Required when ``metric`` is not
             the checkpoint's monitor.
+        arms: the arms, each a ``configs/<arm>.yaml`` of the project.
 
     Raises:
-        ProjectError: no ``train.py`` or arm config; a setting config that does not exist; the GC config
-            without the ``GradientCentralization`` callback or the baseline with it; a logger that is not a
-            ``TensorBoardLogger``; no metric to compare; an invalid ``mode``.
+        ProjectError: no ``train.py`` or arm config; a setting config that does not exist; an arm named
+            ``gc*`` without the ``GradientCentralization`` callback or the ``baseline`` with it; a logger that
+            is not a ``TensorBoardLogger``; no metric to compare; an invalid ``mode``.
 
     Example:
         >>> load_project("no/such/folder")
@@ -79,24 +86,61 @@ def load_project(
     if not folder.is_dir():
         raise ProjectError(f"PROJECT_DIR {str(root)!r} is not a folder")
     folder = folder.resolve()
-    missing = [p for p in ("train.py", "configs/baseline.yaml", "configs/gc.yaml") if not (folder / p).is_file()]
-    if missing:
+    arms = check_arm_names(arms)
+    if not (folder / "train.py").is_file():
         raise ProjectError(
-            f"PROJECT_DIR {str(root)!r} does not follow the template convention: missing {', '.join(missing)}"
+            f"PROJECT_DIR {str(root)!r} does not follow the template convention: missing train.py"
+            + "".join(f", configs/{a}.yaml" for a in arms if not (folder / "configs" / f"{a}.yaml").is_file())
+        )
+    missing = [a for a in arms if not (folder / "configs" / f"{a}.yaml").is_file()]
+    if missing:
+        available = ", ".join(available_arms(folder)) or "none"
+        raise ProjectError(
+            f"`--arms`: {', '.join(f'configs/{a}.yaml' for a in missing)} not found in {folder};"
+            f" arms available: {available}"
         )
     if mode is not None and mode not in MODES:
         raise ProjectError(f"`--mode` must be one of {MODES}, got {mode!r}")
     overlays = tuple(_find_overlay(folder, c) for c in configs)
-    effective = {arm: _effective_config(folder / "configs" / f"{arm}.yaml", overlays) for arm in ARMS}
+    effective = {arm: _effective_config(folder / "configs" / f"{arm}.yaml", overlays) for arm in arms}
     _check_arms(effective, overlays)
-    checkpoints = {arm: _checkpoint_target(effective[arm]) for arm in ARMS}
-    if checkpoints["baseline"] != checkpoints["gc"]:
+    checkpoints = {arm: _checkpoint_target(effective[arm]) for arm in arms}
+    if len(set(checkpoints.values())) > 1:
+        described = ", ".join(f"{arm} {target}" for arm, target in checkpoints.items())
         raise ProjectError(
-            f"the arms' ModelCheckpoint monitor/mode differ (baseline {checkpoints['baseline']}, gc {checkpoints['gc']});"
-            " they must select the best checkpoint the same way"
+            f"the arms' ModelCheckpoint monitor/mode differ ({described}); they must select the best checkpoint the"
+            " same way"
         )
-    metric, mode = _primary_metric(checkpoints["gc"], metric, mode)
-    return Project(folder, name or folder.name, overlays, metric, mode)
+    metric, mode = _primary_metric(checkpoints[arms[0]], metric, mode)
+    return Project(folder, name or folder.name, overlays, metric, mode, arms)
+
+
+def check_arm_names(arms: Sequence[str]) -> tuple[str, ...]:
+    """``arms`` as a tuple, or a :class:`ProjectError` naming ``--arms`` when they cannot be compared.
+
+    Example:
+        >>> check_arm_names(["baseline", "gc"])
+        ('baseline', 'gc')
+        >>> check_arm_names(["gc", "gc"])
+        Traceback (most recent call last):
+        ...
+        lightning_gc.compare.project.ProjectError: `--arms` must name at least 2 different arms (configs/<arm>.yaml), got gc,gc
+    """
+    names = tuple(arms) if not isinstance(arms, str) else tuple(arms.split(","))
+    shown = ",".join(str(a) for a in names)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ProjectError(f"`--arms` must name at least 2 different arms (configs/<arm>.yaml), got {shown}")
+    for name in names:
+        if not isinstance(name, str) or not _ARM_NAME.fullmatch(name):
+            raise ProjectError(
+                f"`--arms`: {name!r} is not an arm name (letters, digits, `_`, `-`; the stem of configs/<arm>.yaml)"
+            )
+    return names
+
+
+def available_arms(root: Path) -> list[str]:
+    """The arms a project offers: the stems of its ``configs/*.yaml``."""
+    return sorted(p.stem for p in (root / "configs").glob("*.yaml"))
 
 
 def _find_overlay(root: Path, config: str) -> Path:
@@ -141,19 +185,20 @@ def _callbacks(config: dict[str, Any]) -> list[Any]:
 
 
 def _check_arms(effective: dict[str, dict[str, Any]], overlays: Sequence[Path]) -> None:
+    """The baseline must train without GC, an arm named ``gc*`` with it; every arm logs to TensorBoard."""
     after = f" (after {', '.join(str(o) for o in overlays)})" if overlays else ""
-    has_gc = {arm: any(_class_name(c) == _GC_CALLBACK for c in _callbacks(cfg)) for arm, cfg in effective.items()}
-    if not has_gc["gc"]:
-        raise ProjectError(
-            f"configs/gc.yaml{after} has no lightning_gc.GradientCentralization in trainer.callbacks:"
-            " the GC arm needs it"
-        )
-    if has_gc["baseline"]:
-        raise ProjectError(
-            f"configs/baseline.yaml{after} has the lightning_gc.GradientCentralization callback:"
-            " the baseline must train without it"
-        )
     for arm, cfg in effective.items():
+        has_gc = any(_class_name(c) == _GC_CALLBACK for c in _callbacks(cfg))
+        if arm.startswith("gc") and not has_gc:
+            raise ProjectError(
+                f"configs/{arm}.yaml{after} has no lightning_gc.GradientCentralization in trainer.callbacks:"
+                f" the {arm} arm needs it"
+            )
+        if arm == BASELINE and has_gc:
+            raise ProjectError(
+                f"configs/baseline.yaml{after} has the lightning_gc.GradientCentralization callback:"
+                " the baseline must train without it"
+            )
         logger = (cfg.get("trainer") or {}).get("logger")
         if _class_name(logger) != "TensorBoardLogger":
             raise ProjectError(

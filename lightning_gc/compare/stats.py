@@ -11,12 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
+
+# A curve's values or steps: a list or an array.
+Values = Sequence[float] | npt.NDArray[np.float64] | npt.NDArray[np.int64]
 
 # Default target when none is given: within this fraction of the best value any finished run reached.
 TARGET_TOLERANCE = 0.05
 
 
-def best_value(values: Sequence[float], mode: str) -> float:
+def best_value(values: Values, mode: str) -> float:
     """Highest (``mode="max"``) or lowest (``"min"``) finite value; ``nan`` if there is none.
 
     Example:
@@ -29,7 +33,7 @@ def best_value(values: Sequence[float], mode: str) -> float:
     return float(finite.max() if mode == "max" else finite.min())
 
 
-def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float, mode: str) -> int | None:
+def steps_to_target(steps: Values, values: Values, target: float, mode: str) -> int | None:
     """The first logged step whose value reaches ``target`` (``>=`` for ``"max"``, ``<=`` for ``"min"``).
 
     Returns ``None`` if the run never reached it.
@@ -40,13 +44,13 @@ def steps_to_target(steps: Sequence[int], values: Sequence[float], target: float
         >>> steps_to_target([10, 20], [0.5, 0.6], 0.9, "max") is None
         True
     """
-    values = np.asarray(values, dtype=np.float64)
-    reached = values >= target if mode == "max" else values <= target
-    hits = np.flatnonzero(reached & np.isfinite(values))
+    array = np.asarray(values, dtype=np.float64)
+    reached = array >= target if mode == "max" else array <= target
+    hits = np.flatnonzero(reached & np.isfinite(array))
     return int(np.asarray(steps)[hits[0]]) if len(hits) else None
 
 
-def loss_oscillation(values: Sequence[float]) -> float:
+def loss_oscillation(values: Values) -> float:
     r"""Mean absolute second difference of the logged training loss: :math:`\frac{1}{n-2}\sum_i |L_{i+1} - 2L_i + L_{i-1}|`.
 
     A straight (even steep) descent scores 0; every change of direction adds the size of the kink. It is
@@ -58,13 +62,13 @@ def loss_oscillation(values: Sequence[float]) -> float:
         >>> loss_oscillation([1.0, 0.5, 1.0, 0.5])  # |1.0| + |-1.0| over 2
         1.0
     """
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 3:
+    array = np.asarray(values, dtype=np.float64)
+    if len(array) < 3:
         return math.nan
-    return float(np.mean(np.abs(np.diff(values, n=2))))
+    return float(np.mean(np.abs(np.diff(array, n=2))))
 
 
-def coefficient_of_variation(values: Sequence[float]) -> float:
+def coefficient_of_variation(values: Values) -> float:
     """Population standard deviation over mean (``std(ddof=0) / mean``); ``nan`` for < 2 points or mean 0.
 
     Used for the variability of ``train/grad_norm`` over a run.
@@ -73,15 +77,13 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
         >>> coefficient_of_variation([1.0, 3.0])  # std 1, mean 2
         0.5
     """
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2 or values.mean() == 0:
+    array = np.asarray(values, dtype=np.float64)
+    if len(array) < 2 or array.mean() == 0:
         return math.nan
-    return float(values.std() / values.mean())
+    return float(array.std() / array.mean())
 
 
-def train_val_gap(
-    train_steps: Sequence[int], train_loss: Sequence[float], val_steps: Sequence[int], val_loss: Sequence[float]
-) -> float:
+def train_val_gap(train_steps: Values, train_loss: Values, val_steps: Values, val_loss: Values) -> float:
     """Final validation loss minus the mean training loss logged since the validation before it.
 
     The training loss is averaged over the last validation interval (usually the last epoch), the part of
@@ -94,16 +96,16 @@ def train_val_gap(
     """
     if not len(val_loss):
         return math.nan
-    train_steps, train_loss = np.asarray(train_steps), np.asarray(train_loss, dtype=np.float64)
-    end = val_steps[-1]
-    start = val_steps[-2] if len(val_steps) > 1 else -math.inf
-    window = train_loss[(train_steps > start) & (train_steps <= end)]
+    steps, loss = np.asarray(train_steps), np.asarray(train_loss, dtype=np.float64)
+    end = float(val_steps[-1])
+    start = float(val_steps[-2]) if len(val_steps) > 1 else -math.inf
+    window = loss[(steps > start) & (steps <= end)]
     if not len(window):
         return math.nan
     return float(val_loss[-1]) - float(window.mean())
 
 
-def default_target(best_values: Sequence[float], mode: str, tolerance: float = TARGET_TOLERANCE) -> float | None:
+def default_target(best_values: Values, mode: str, tolerance: float = TARGET_TOLERANCE) -> float | None:
     """Within ``tolerance`` of the best value any run reached: ``best * (1 - tol)`` for ``"max"``,
     ``best * (1 + tol)`` for ``"min"``. ``None`` when that best value is not positive (a relative target
     would be meaningless then: give one).
@@ -147,6 +149,6 @@ class Aggregate:
         return cls(mean, std, len(finite))
 
 
-def _finite(values: Sequence[float]) -> np.ndarray:
+def _finite(values: Values) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     return array[np.isfinite(array)]

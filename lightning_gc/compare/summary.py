@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from lightning_gc.compare.events import Series, read_scalars
 from lightning_gc.compare.stats import (
@@ -19,6 +21,13 @@ from lightning_gc.compare.stats import (
 )
 
 FINISHED, DIVERGED, FAILED = "finished", "diverged", "failed"
+# A run that finished but is dead: see `collapse_reason` for the rule.
+COLLAPSED = "collapsed"
+STATUSES = (FINISHED, COLLAPSED, DIVERGED, FAILED)
+# Collapsed: the final metric is no better than a constant predictor's, within this share of its value ...
+CONSTANT_MARGIN = 0.1
+# ... or the gradients vanished: the last logged gradient norms are below this share of the run's largest.
+VANISHING_RATIO = 1e-3
 TRAIN_LOSS, GRAD_NORM, VAL_LOSS = "train/loss", "train/grad_norm", "val/loss"
 MEASURES = ("final", "best", "steps_to_target", "loss_oscillation", "grad_norm_cv", "train_val_gap", "test")
 
@@ -30,12 +39,19 @@ class RunRecord:
     Args:
         arm: ``"baseline"`` or ``"gc"``.
         seed: the ``seed_everything`` of the run.
-        status: ``"finished"``, ``"diverged"`` (training loss turned non-finite; stopped early) or ``"failed"``.
-        run_dir: the TensorBoard run folder, ``OUT/<arm>/seed_<seed>``.
+        status: ``"finished"``, ``"collapsed"`` (finished but dead, decided by :func:`summarize`),
+            ``"diverged"`` (training loss turned non-finite; stopped early) or ``"failed"``.
+        run_dir: the TensorBoard run folder, ``OUT/[<point>/]<arm>/seed_<seed>``.
         log: the run's console output.
         returncode: the training process's exit code (``None`` if it never started).
         diverged_at_step: the global step at which the loss was first non-finite.
         seconds: wall-clock time of the run.
+        point: the sweep point (``"model.lr=0.1"``), ``""`` outside a sweep.
+        job_id: the SLURM job of the run (``"1234_5"`` for an array task), ``None`` when run locally.
+        command: a shell line that reruns the run after the comparison (``cd PROJECT && ENV=... python ...``).
+        chance: the primary metric's value for a constant predictor of the validation labels (their majority
+            class's share), when the run could count them; ``None`` otherwise.
+        collapse: why the run counts as collapsed (``""`` when it does not).
     """
 
     arm: str
@@ -46,11 +62,16 @@ class RunRecord:
     returncode: int | None = None
     diverged_at_step: int | None = None
     seconds: float = 0.0
+    point: str = ""
+    job_id: str | None = None
+    command: str = ""
+    chance: float | None = None
+    collapse: str = ""
 
     @property
     def name(self) -> str:
-        """``"<arm> seed_<seed>"``, as the summary's notes name the run."""
-        return f"{self.arm} seed_{self.seed}"
+        """``"[<point> ]<arm> seed_<seed>"``, as the summary's notes name the run."""
+        return f"{self.point + ' ' if self.point else ''}{self.arm} seed_{self.seed}"
 
 
 @dataclass
@@ -66,7 +87,7 @@ class RunMeasures:
 class ArmSummary:
     """The runs of one arm and the aggregates over those that finished.
 
-    Diverged and failed runs are listed but left out of every aggregate.
+    Collapsed, diverged and failed runs are listed but left out of every aggregate.
     """
 
     arm: str
@@ -104,9 +125,14 @@ def matching_test_metric(metric: str) -> str | None:
 
 
 def summarize(
-    records: Sequence[RunRecord], metric: str, mode: str, target: float | None = None, arms: Sequence[str] = ()
+    records: Sequence[RunRecord],
+    metric: str,
+    mode: str,
+    target: float | None = None,
+    arms: Sequence[str] = (),
+    chance: float | None = None,
 ) -> Summary:
-    """Read every run's event files and aggregate the measures per arm.
+    """Read every run's event files, mark dead runs collapsed and aggregate the measures per arm.
 
     Args:
         records: the runs, in any order.
@@ -115,8 +141,13 @@ def summarize(
         target: the value ``steps_to_target`` waits for; default :func:`~lightning_gc.compare.stats.default_target`
             over the best values of the finished runs of all arms.
         arms: the order of the arms in the summary (default: order of first appearance).
+        chance: the metric a constant predictor scores (``--chance``); default: each run's own ``chance``
+            when ``metric`` is an accuracy.
     """
-    scalars = {id(r): read_scalars(r.run_dir) if r.status != FAILED else {} for r in records}
+    read = [(r, read_scalars(r.run_dir) if r.status != FAILED else {}) for r in records]
+    read = [(_classified(r, tags, metric, mode, chance), tags) for r, tags in read]
+    records = [r for r, _ in read]
+    scalars = {id(r): tags for r, tags in read}
     best = [best_value(_values(scalars[id(r)], metric), mode) for r in records if r.status == FINISHED]
     target_used = target if target is not None else default_target(best, mode)
     measured = [RunMeasures(r, measure(scalars[id(r)], metric, mode, target_used), scalars[id(r)]) for r in records]
@@ -128,6 +159,58 @@ def summarize(
         aggregates = {name: Aggregate.of([m.values[name] for m in counted]) for name in MEASURES}
         summaries[arm] = ArmSummary(arm, runs, aggregates)
     return Summary(metric, mode, target_used, target is not None, summaries)
+
+
+def collapse_reason(scalars: dict[str, Series], metric: str, mode: str, chance: float | None) -> str:
+    """Why a finished run counts as collapsed (dead), or ``""``. The rule:
+
+    * its final ``metric`` is no better than ``chance`` (a constant predictor's value) by more than
+      ``CONSTANT_MARGIN`` of it: ``final <= chance + 0.1 |chance|`` for ``mode="max"``
+      (``final >= chance - 0.1 |chance|`` for ``"min"``); or
+    * its gradients vanished: the mean of the last 10% (at least 3) of the logged ``train/grad_norm`` is below
+      ``VANISHING_RATIO`` (1e-3) of the largest one it logged.
+
+    Example:
+        >>> import numpy as np
+        >>> acc = {"val/acc": Series(np.array([10, 20]), np.array([0.5, 0.104]))}
+        >>> collapse_reason(acc, "val/acc", "max", chance=0.112)
+        'final val/acc 0.104 is no better than a constant predictor (0.112)'
+        >>> collapse_reason(acc, "val/acc", "max", chance=None)
+        ''
+    """
+    series = scalars.get(metric)
+    if chance is not None and series is not None and len(series) and math.isfinite(series.last):
+        final, margin = series.last, CONSTANT_MARGIN * abs(chance)
+        if (final <= chance + margin) if mode == "max" else (final >= chance - margin):
+            return f"final {metric} {final:.3g} is no better than a constant predictor ({chance:.3g})"
+    norms = scalars.get(GRAD_NORM)
+    if norms is not None:
+        values = norms.values[np.isfinite(norms.values)]
+        tail = values[-max(3, len(values) // 10) :]
+        if len(values) >= 6 and values.max() > 0 and tail.mean() < VANISHING_RATIO * values.max():
+            return f"gradients vanished: final train/grad_norm {tail.mean():.2g}, {values.max():.2g} at most"
+    return ""
+
+
+def is_accuracy(metric: str) -> bool:
+    """Whether ``metric`` names an accuracy, for which a constant predictor scores the majority class's share.
+
+    Example:
+        >>> is_accuracy("val/acc"), is_accuracy("val/accuracy"), is_accuracy("val/loss")
+        (True, True, False)
+    """
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return leaf in ("acc", "accuracy") or leaf.endswith(("_acc", "_accuracy"))
+
+
+def _classified(
+    record: RunRecord, scalars: dict[str, Series], metric: str, mode: str, chance: float | None
+) -> RunRecord:
+    if record.status not in (FINISHED, COLLAPSED):
+        return record
+    own = record.chance if is_accuracy(metric) and mode == "max" else None
+    reason = collapse_reason(scalars, metric, mode, chance if chance is not None else own)
+    return replace(record, status=COLLAPSED if reason else FINISHED, collapse=reason)
 
 
 def measure(scalars: dict[str, Series], metric: str, mode: str, target: float | None) -> dict[str, float | None]:

@@ -5,10 +5,10 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from clean_exit import CleanDistributedExit
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gc.compare import RunMonitor
@@ -34,7 +34,7 @@ class Regression(pl.LightningModule):
 
 def _fit(tmp_path, model, max_epochs=3):
     data = TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
-    monitor = RunMonitor(status_file=str(tmp_path / "status.json"), arm="gc", seed=7, metrics=["val/acc"], interval=0)
+    monitor = RunMonitor(status_file=str(tmp_path / "status.json"), arm="gc", seed=7, interval=0)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         logger=TensorBoardLogger(tmp_path, name="", version="seed_7"),
@@ -69,18 +69,57 @@ def test_a_finite_run_reports_progress_and_tags_its_hparams(tmp_path):
         "step": 8,
         "total_steps": 8,
         "diverged_at_step": None,
+        "val_class_counts": None,  # no validation
     }
+    hparams = yaml.safe_load((tmp_path / "seed_7" / "hparams.yaml").read_text())
+    assert (hparams["compare/arm"], hparams["compare/seed"], hparams["lr"]) == ("gc", 7, pytest.approx(0.02))
     accumulator = EventAccumulator(str(tmp_path / "seed_7"))
     accumulator.Reload()
-    content = accumulator.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
-    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hparams["compare/arm"].string_value == "gc"
-    assert hparams["compare/seed"].number_value == 7
-    assert hparams["lr"].number_value == pytest.approx(0.02)
-    content = accumulator.SummaryMetadata("_hparams_/experiment").plugin_data.content
-    metrics = plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos
-    assert [m.name.tag for m in metrics] == ["val/acc"]
+    # TensorBoard keeps a run's first HPARAMS session only: the comparison writes it at the end, with the status
+    assert not any(tag.startswith("_hparams_") for tag in accumulator.Tags()["tensors"])
     assert "hp_metric" not in accumulator.Tags()["scalars"]  # no made-up metric values
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_the_validation_labels_of_one_full_pass_are_counted(tmp_path):
+    labels = torch.tensor([0, 2, 2, 1, 2, 0, 2, 2, 1, 0])  # 3 x class 0, 2 x class 1, 5 x class 2
+    val = DataLoader(TensorDataset(torch.randn(10, 4), labels), batch_size=3)  # 4 batches, the last one short
+    train = DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        callbacks=[RunMonitor(status_file=str(tmp_path / "status.json"), interval=0)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=2,  # the sanity pass sees 2 batches: it must not be counted
+    )
+    trainer.fit(Classifier(), train, val)
+    assert json.loads((tmp_path / "status.json").read_text())["val_class_counts"] == [3, 2, 5]
+
+
+def test_labels_are_only_integer_class_vectors():
+    from lightning_gc.compare.monitor import class_labels
+
+    assert class_labels((torch.zeros(2, 1), torch.tensor([0.5, 1.0]))) is None  # regression targets
+    assert class_labels((torch.zeros(2, 1), torch.tensor([[0, 1], [1, 0]]))) is None  # multi-label
+    assert class_labels({"x": torch.zeros(2), "label": torch.tensor([3, 1])}).tolist() == [3, 1]
+    assert class_labels(torch.zeros(2)) is None
 
 
 def test_interval_must_not_be_negative():

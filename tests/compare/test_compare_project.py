@@ -129,3 +129,30 @@ def test_a_template_name_is_rendered_into_a_temporary_folder():
         assert (loaded.name, loaded.metric, loaded.mode) == ("digits-cnn", "val/acc", "max")
         assert (root / "train.py").is_file()
     assert not root.exists()
+
+
+def test_arms_are_the_project_configs_named(project):
+    shutil.copy(project / "configs" / "gc.yaml", project / "configs" / "gc_update.yaml")
+    loaded = load_project(project, arms=["baseline", "gc", "gc_update"])
+    assert loaded.arms == ("baseline", "gc", "gc_update")
+    assert loaded.arm_config("gc_update") == project / "configs" / "gc_update.yaml"
+    with pytest.raises(
+        ProjectError, match=r"`--arms`: configs/gc_nope.yaml not found in .*; arms available: baseline, gc, gc_update"
+    ):
+        load_project(project, arms=["baseline", "gc_nope"])
+    with pytest.raises(ProjectError, match="`--arms` must name at least 2 different arms"):
+        load_project(project, arms=["gc"])
+    with pytest.raises(ProjectError, match=r"`--arms`: '\.\./x' is not an arm name"):
+        load_project(project, arms=["baseline", "../x"])
+
+
+def test_an_arm_named_gc_needs_the_callback_and_all_arms_select_checkpoints_alike(project):
+    shutil.copy(project / "configs" / "baseline.yaml", project / "configs" / "gc_update.yaml")
+    with pytest.raises(ProjectError, match="configs/gc_update.yaml has no lightning_gc.GradientCentralization"):
+        load_project(project, arms=["baseline", "gc_update"])
+    shutil.copy(project / "configs" / "baseline.yaml", project / "configs" / "plain.yaml")
+    _edit(project / "configs" / "plain.yaml", lambda c: c["trainer"]["callbacks"][0]["init_args"].update(mode="min"))
+    with pytest.raises(
+        ProjectError, match=r"monitor/mode differ \(gc \('val/acc', 'max'\), plain \('val/acc', 'min'\)\)"
+    ):
+        load_project(project, arms=["gc", "plain"])

@@ -108,14 +108,15 @@ def test_markdown_and_csv_say_what_was_left_out(records, tmp_path):
     assert "1/3 finished, diverged 2/3" in text
     assert "gc: diverged 2/3 (seed_1 at step 15, seed_2 at step 15)" in text
     assert "baseline seed_2 failed (exit code 1), see baseline/seed_2/train.log" in text
-    assert "0.85 ± 0.07071" in text and "n/a (reached 0/2)" in text
-    assert "| +0.1          |" in text  # gc - baseline of the final metric: 0.95 - 0.85
+    assert "0.85 ± 0.07" in text and "n/a (reached 0/2)" in text  # rounded to the spread's first digit
+    assert "| +0.10         |" in text  # gc - baseline of the final metric: 0.95 - 0.85, to the baseline spread's 0.07
 
     write_summary_csv(summary, tmp_path / "summary.csv")
     rows = {(r["arm"], r["measure"]): r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
     assert float(rows["baseline", "final"]["mean"]) == pytest.approx(0.85)
     assert rows["gc", "final"]["n"] == "1" and rows["gc", "final"]["diverged"] == "2"
     assert rows["gc", "final"]["std"] == ""  # one run: no spread
+    assert rows["baseline", "final"]["display"] == "0.85 ± 0.07" and rows["gc", "final"]["display"] == "0.95"
     write_runs_csv(summary, tmp_path / "runs.csv")
     runs = list(csv.DictReader(open(tmp_path / "runs.csv")))
     assert [(r["arm"], r["seed"], r["status"]) for r in runs] == [(a, str(s), st) for a, s, st, _ in RUNS]
