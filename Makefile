@@ -74,7 +74,7 @@ setup-dev: $(DEV_STAMP)
 
 # The documentation site (mkdocs.yml, docs/), strict: a broken link, reference or docstring fails the build.
 docs: $(DOCS_STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 test: setup-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
