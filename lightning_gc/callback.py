@@ -215,7 +215,7 @@ def _is_log_step(trainer: pl.Trainer) -> bool:
     """
     if trainer.state.stage is not RunningStage.TRAINING:
         return trainer._logger_connector.should_update_logs
-    every = trainer.log_every_n_steps
+    every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by the logger connector
     if every == 0:
         return False
     # `+ 1`, as Lightning: the hook runs before the step that increments the counter
