@@ -50,7 +50,7 @@ def caller(kernel: build.Kernel, grads: list[torch.Tensor]):  # type: ignore[no-
         int64s(*[lay[2] for lay in layouts]), (ctypes.c_int32 * n)(*[DTYPE_CODES[g.dtype] for g in grads]),  # type: ignore[index]
         (ctypes.c_double * n)(*[0.0] * n),
     )  # fmt: skip
-    return lambda: kernel.centralize(*args, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD)
+    return lambda: kernel.centralize(*args, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD, None)
 
 
 def main() -> int:

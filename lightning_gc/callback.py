@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_debug, rank_zero_info
 from torch import nn
@@ -168,7 +169,7 @@ class GradientCentralization(Callback):
             return
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in some call paths
         plan = self._plan_for(optimizer, pl_module, trainer)
-        log = self.log_diagnostics and bool(trainer.loggers) and trainer._logger_connector.should_update_logs
+        log = self.log_diagnostics and bool(trainer.loggers) and _is_log_step(trainer)
         stats = plan.apply(compute_stats=log, grad_scale=_grad_scale(trainer, optimizer))
         if stats.skipped:  # DeepSpeed: the hook runs per micro-batch, steps only at boundaries
             return
@@ -203,6 +204,22 @@ class GradientCentralization(Callback):
         if writer is None:
             writer = self.__dict__["_diagnostics"] = DiagnosticsWriter()
         writer.write(trainer, stats, prefix)
+
+
+def _is_log_step(trainer: pl.Trainer) -> bool:
+    """Lightning's ``_LoggerConnector.should_update_logs`` (2.6), its fit-loop case read directly.
+
+    The connector's property finds the active loop through several of the trainer's properties and
+    ``isinstance`` checks on every call; while training (where this hook runs) the loop is the fit loop, so
+    the same rule reads its counter straight away. Any other state asks Lightning.
+    """
+    if trainer.state.stage is not RunningStage.TRAINING:
+        return trainer._logger_connector.should_update_logs
+    every: int = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by the logger connector
+    if every == 0:
+        return False
+    # `+ 1`, as Lightning: the hook runs before the step that increments the counter
+    return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0 or trainer.should_stop
 
 
 def _log_text(trainer: pl.Trainer, tag: str, text: str) -> None:

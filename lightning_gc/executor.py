@@ -92,11 +92,24 @@ class Executor:
         stacked = {i for s in self.stacks for i in s.indices}
         self.singles = [i for i in eager if i not in stacked]
 
-    def run(self, grads: list[Tensor | None], grad_scale: float, removed: list[Tensor] | None) -> None:
+    def run(
+        self,
+        grads: list[Tensor | None],
+        grad_scale: float,
+        removed: list[Tensor | float] | None,
+        grad_sq: list[Tensor | float] | None = None,
+    ) -> None:
         """Centralize ``grads`` (aligned with the units; ``None`` entries are skipped) in place.
 
-        Appends the squared norms of what was removed to ``removed`` when given.
+        Appends the squared norms of what was removed to ``removed`` when given, and the squared norms of
+        the gradients before GC to ``grad_sq`` when given: the fused kernel sums those it takes in its own
+        pass; the others are read once more, before any route writes them.
         """
+        if grad_sq is not None and (self.native is None or self.compiled is not None or self.triton is not None):
+            live = [g for g in grads if g is not None]
+            if live:
+                grad_sq.append(sum_of_squares(live))
+            grad_sq = None  # every gradient counted: the routes below need not
         done = self._run_compiled(grads, removed) if self.compiled is not None else set()
         leftovers: list[int] = []
         if self.triton is not None:
@@ -105,7 +118,12 @@ class Executor:
             pending = [None if i in done else g for i, g in enumerate(grads)] if done else grads
             if self._kernel_candidates:
                 pending = [pending[i] for i in self._kernel_candidates]
-            leftovers = [self._unit_index(j) for j in self.native.run(pending, grad_scale, removed)]
+            leftovers = [self._unit_index(j) for j in self.native.run(pending, grad_scale, removed, grad_sq)]
+            if grad_sq is not None:  # the kernel left these untouched: count them before the eager routes run
+                stacked = [i for stack in self.stacks for i in stack.indices]
+                rest = [g for i in self.singles + stacked + leftovers if (g := grads[i]) is not None]
+                if rest:
+                    grad_sq.append(sum_of_squares(rest))
         for stack in self.stacks:
             # autograd refuses a .grad of another dtype than its parameter, so members share the stack's dtype
             members = [g for i in stack.indices if i not in done and (g := grads[i]) is not None]
@@ -129,7 +147,7 @@ class Executor:
     def _unit_index(self, kernel_index: int) -> int:
         return self._kernel_candidates[kernel_index] if self._kernel_candidates else kernel_index
 
-    def _run_compiled(self, grads: list[Tensor | None], removed: list[Tensor] | None) -> set[int]:
+    def _run_compiled(self, grads: list[Tensor | None], removed: list[Tensor | float] | None) -> set[int]:
         assert self.compiled is not None
         chosen = [i for i, g in enumerate(grads) if g is not None and not self.units[i].decay]
         if not chosen:
@@ -158,3 +176,15 @@ def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list
         if len(indices) >= 2 and serial_per_stack >= 2:
             stacks.append(Stack(indices, dims, dtype, per_stack, serial_per_stack))
     return stacks
+
+
+def sum_of_squares(grads: list[Tensor]) -> Tensor:
+    """The squared L2 norm of ``grads`` together (float32), one ``_foreach_norm`` per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for group in by_dtype.values():
+        norms = torch._foreach_norm(group)
+        total = total + torch.stack([n.float() for n in norms]).square().sum()
+    return total

@@ -79,7 +79,8 @@ class GCPlan:
         their expected layout is planned.
 
         Args:
-            compute_stats: also measure the gradient norm and what GC removed (one extra read pass).
+            compute_stats: also measure the gradient norm and what GC removed (the fused kernel sums the
+                squares of the gradients it takes in its own pass; the others are read once more).
             grad_scale: the loss scale the gradients still carry (fused optimizers unscale themselves);
                 stats are reported unscaled and the weight-decay compensation is scaled to match.
         """
@@ -88,12 +89,12 @@ class GCPlan:
         stats = GCStats(tensors=len(live), elements=sum(map(Tensor.numel, live)))
         if not live:
             return stats
-        removed: list[Tensor] | None = [] if compute_stats else None
-        if compute_stats:
-            stats.grad_sq = _sum_of_squares(live) / grad_scale**2
-        self._executor.run(grads, grad_scale, removed)
-        if removed is not None:
-            stats.removed_sq = torch.stack([r.float() for r in removed]).sum() / grad_scale**2
+        removed: list[Tensor | float] | None = [] if compute_stats else None
+        grad_sq: list[Tensor | float] | None = [] if compute_stats else None
+        self._executor.run(grads, grad_scale, removed, grad_sq)
+        if removed is not None and grad_sq is not None:
+            stats.grad_sq = _total(grad_sq, live[0].device, grad_scale)
+            stats.removed_sq = _total(removed, live[0].device, grad_scale)
         return stats
 
     def _checked_gradients(self) -> list[Tensor | None]:
@@ -145,12 +146,10 @@ def dense_plan(
     return GCPlan(selection.targets, config.mode, compile=config.compile, warn=warn, selection=selection)
 
 
-def _sum_of_squares(grads: list[Tensor]) -> Tensor:
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-    for group in by_dtype.values():
-        norms = torch._foreach_norm(group)
-        total = total + torch.stack([n.float() for n in norms]).square().sum()
-    return total
+def _total(parts: list[Tensor | float], device: torch.device, grad_scale: float) -> Tensor:
+    """The unscaled float32 sum of squared norms some routes gave as host floats, others as tensors."""
+    host = sum(p for p in parts if isinstance(p, float)) / grad_scale**2
+    tensors = [p.float() for p in parts if isinstance(p, Tensor)]
+    if not tensors:
+        return torch.tensor(host, dtype=torch.float32)
+    return torch.stack(tensors).sum() / grad_scale**2 + host

@@ -113,11 +113,13 @@ class PlanCache:
 
 def plan_signature(optimizer: Optimizer) -> Hashable:
     """Changes whenever the optimizer's parameters or decay settings do, so a cached plan can be reused."""
+    # every value is read afresh (a list mutated in place, `requires_grad_()`, a `.data` swap to another
+    # dtype keep every object's identity); `map` with attrgetters reads them at C speed, a genexpr did not
     return tuple(
         (
-            tuple(map(id, g["params"])),
-            tuple(p.requires_grad for p in g["params"]),  # the selection skips frozen parameters
-            tuple(p.dtype for p in g["params"]),  # `model.double()` keeps the parameters, changes their plans
+            tuple(map(id, params := g["params"])),
+            tuple(map(_REQUIRES_GRAD, params)),  # the selection skips frozen parameters
+            tuple(map(_DTYPE, params)),  # `model.double()` keeps the parameters, changes their plans
             g.get("weight_decay"),
             g.get("maximize"),
             g.get("decoupled_weight_decay"),

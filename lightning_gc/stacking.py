@@ -42,7 +42,7 @@ def stack_size(numel: int, dtype: torch.dtype, max_bytes: int, serial: bool = Fa
 
 
 def centralize_stacked_(
-    grads: list[Tensor], dims: tuple[int, ...], per_stack: int, removed: list[Tensor] | None = None
+    grads: list[Tensor], dims: tuple[int, ...], per_stack: int, removed: list[Tensor | float] | None = None
 ) -> None:
     """Centralize ``grads`` (same shape, dtype and device; any strides) over ``dims`` in place.
 

@@ -174,7 +174,7 @@ class TritonRoute:
             weights = torch.zeros(n, dtype=torch.int64, device=device)
             self._tables[device] = (addresses, weights, coefficients, cols)
 
-    def run(self, grads: Sequence[Tensor | None], grad_scale: float, removed: list[Tensor] | None) -> list[int]:
+    def run(self, grads: Sequence[Tensor | None], grad_scale: float, removed: list[Tensor | float] | None) -> list[int]:
         """Centralize this route's ``grads`` in place; return the indices of those it had to decline."""
         declined: list[int] = []
         pointers = [0] * len(self.indices)

@@ -343,3 +343,47 @@ def test_compile_under_a_sharded_strategy_says_it_has_no_effect():
     callback = GradientCentralization(compile="eager")
     with pytest.warns(UserWarning, match="no effect under ModelParallelStrategy"):
         callback.setup(StrategyOnly(), TinyModule(), "fit")
+
+
+class LogStepRecorder(GradRecorder):
+    """Lightning's own log-step rule next to the callback's, at every optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decisions: list[tuple[bool, bool]] = []
+        self.stop_at: int | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        from lightning_gc.callback import _is_log_step
+
+        if self.stop_at is not None and len(self.decisions) == self.stop_at:
+            trainer.should_stop = True  # as EarlyStopping would: Lightning logs the step it stops at
+        self.decisions.append((trainer._logger_connector.should_update_logs, _is_log_step(trainer)))
+
+
+@pytest.mark.parametrize("every", [1, 3, 5])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_log_step_rule_is_lightnings(tmp_path, every, accumulate):
+    recorder = LogStepRecorder()
+    logger = CSVLogger(tmp_path)
+
+    trainer(
+        callbacks=[GradientCentralization(), recorder],
+        logger=logger,
+        log_every_n_steps=every,
+        accumulate_grad_batches=accumulate,
+        max_epochs=2,
+    ).fit(TinyModule(), loader(make_batches(11)))
+    assert len(recorder.decisions) == 2 * math.ceil(11 / accumulate)
+    assert [ours for _, ours in recorder.decisions] == [theirs for theirs, _ in recorder.decisions]
+    assert any(ours for _, ours in recorder.decisions) and (every == 1 or not all(o for _, o in recorder.decisions))
+
+
+def test_the_log_step_rule_is_lightnings_when_the_trainer_stops(tmp_path):
+    recorder = LogStepRecorder()
+    recorder.stop_at = 3
+    trainer(callbacks=[GradientCentralization(), recorder], logger=CSVLogger(tmp_path), log_every_n_steps=5).fit(
+        TinyModule(), loader(make_batches(11))
+    )
+    assert recorder.decisions[3] == (True, True)  # not a multiple of 5: logged because the trainer stops
+    assert [ours for _, ours in recorder.decisions] == [theirs for theirs, _ in recorder.decisions]

@@ -91,6 +91,37 @@ def test_optimizer_plans_are_keyed_on_the_module_and_the_param_groups():
     assert cache.plan(DenseAdapter(), GCConfig(), model, optimizer) is not first
 
 
+def _in_place_changes() -> dict[str, object]:
+    """Changes to an optimizer's parameters that keep the optimizer, its param_groups list and each group."""
+
+    def extra_layer(model: nn.Sequential, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.add_param_group({"params": list(nn.Linear(2, 2).parameters())})
+
+    return {
+        "requires_grad_": lambda model, optimizer: model[1].weight.requires_grad_(False),
+        "data_swap": lambda model, optimizer: setattr(model[1].weight, "data", model[1].weight.data.double()),
+        "params_list_mutated": lambda model, optimizer: optimizer.param_groups[0]["params"].pop(),
+        "params_list_replaced_item": lambda model, optimizer: optimizer.param_groups[0]["params"].__setitem__(
+            0, nn.Parameter(torch.zeros(3, 4))
+        ),
+        "add_param_group": extra_layer,
+        "maximize": lambda model, optimizer: optimizer.param_groups[0].__setitem__("maximize", True),
+    }
+
+
+@pytest.mark.parametrize("change", list(_in_place_changes()))
+def test_in_place_changes_to_the_optimizer_replan(change):
+    """No new object to notice: the signature reads every parameter's id, requires_grad and dtype each call."""
+    cache = PlanCache()
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    groups, group = optimizer.param_groups, optimizer.param_groups[0]
+    first = cache.plan(DenseAdapter(), GCConfig(), model, optimizer)
+    _in_place_changes()[change](model, optimizer)  # type: ignore[operator]
+    assert optimizer.param_groups is groups and optimizer.param_groups[0] is group
+    assert cache.plan(DenseAdapter(), GCConfig(), model, optimizer) is not first
+
+
 def test_bare_parameters_have_no_owner_and_are_planned_every_call():
     cache, model = PlanCache(), nn.Linear(4, 3)
     first = cache.plan(DenseAdapter(), GCConfig(), list(model.parameters()))

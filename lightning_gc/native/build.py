@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernel.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 """Must equal ``LGC_ABI_VERSION`` in the source."""
 ENV_SWITCH = "LIGHTNING_GC_NATIVE"
 """Set to ``0`` to never use the kernel (the eager route runs everywhere)."""
@@ -67,6 +67,7 @@ class Kernel:
         self.centralize.argtypes = [
             ctypes.c_int64, int64_array, int64_array, int64_array, int64_array, int64_array,
             ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_double), ctypes.c_int64, ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_double),  # out: the gradients' squared norm before GC, or None
         ]  # fmt: skip
 
 

@@ -120,13 +120,20 @@ class NativeRoute:
         for j, (_, g) in enumerate(picked):
             self._plan_job(j, *g)
 
-    def run(self, grads: Sequence[Tensor | None], grad_scale: float, removed: list[Tensor] | None) -> list[int]:
+    def run(
+        self,
+        grads: Sequence[Tensor | None],
+        grad_scale: float,
+        removed: list[Tensor | float] | None,
+        grad_sq: list[Tensor | float] | None = None,
+    ) -> list[int]:
         """Centralize this route's ``grads`` in place; return the indices of those it had to decline.
 
         Declined, for the eager route to take: gradients whose units are no longer contiguous rows or whose
         dtype the kernel lacks, gradients off the CPU, and gradients that require grad
         (``backward(create_graph=True)``: eager in-place ops keep GC differentiable, raw writes would not).
-        Appends the squared norm of what was removed to ``removed`` when given.
+        Appends the squared norm of what was removed to ``removed`` when given, and the squared norm of the
+        gradients it took, before GC (summed in float64 in the same pass), to ``grad_sq`` when given.
         """
         jobs = grads if self._identity else [grads[i] for i in self.indices]
         declined: list[int]
@@ -147,13 +154,17 @@ class NativeRoute:
         for j in self.decayed:
             self._weights[j] = self.params[j].data_ptr()
             self._coefficients[j] = self.decay[j] * grad_scale
+        grad_total = ctypes.c_double(0.0)
         removed_sq = self.kernel.centralize(
             len(self.indices), self._grads, self._weights, self._rows, self._cols, self._row_strides,
             self._dtypes, self._coefficients, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD,
+            ctypes.byref(grad_total) if grad_sq is not None else None,
         )  # fmt: skip
         torch.autograd.graph.increment_version(live)  # written behind autograd's back: say so, as in-place ops do
-        if removed is not None:
-            removed.append(torch.tensor(removed_sq, dtype=torch.float64))
+        if removed is not None:  # host floats: the kernel ran on the host, no tensor needed until the sum
+            removed.append(removed_sq)
+        if grad_sq is not None:
+            grad_sq.append(grad_total.value)
         return declined
 
     def _all_as_planned(self, jobs: Sequence[Tensor | None]) -> bool:

@@ -105,7 +105,8 @@ def adapter_for_model(model_or_params: nn.Module | Iterable[Tensor]) -> LayoutAd
     from torch import nn
 
     if isinstance(model_or_params, nn.Module):
-        modules = {type(m).__name__: m for m in model_or_params.modules()}
+        every_module = list(model_or_params.modules())
+        modules = {type(m).__name__: m for m in every_module}
         if "FullyShardedDataParallel" in modules:
             from lightning_gc.sharding.fsdp import FSDPAdapter
 
@@ -115,7 +116,8 @@ def adapter_for_model(model_or_params: nn.Module | Iterable[Tensor]) -> LayoutAd
 
             engine = modules["DeepSpeedEngine"]
             return DeepSpeedAdapter(strategy_name="DeepSpeedEngine", engine=lambda: engine)
-        params: Iterable[Tensor] = model_or_params.parameters()
+        # each module's own parameter dict: `parameters()` walks the tree again per module (this runs per call)
+        params: Iterable[Tensor] = [p for m in every_module for p in m._parameters.values() if p is not None]
     else:
         params = model_or_params
         if any(getattr(p, "_fsdp_flattened", False) for p in params):

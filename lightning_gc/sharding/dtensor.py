@@ -365,7 +365,8 @@ def has_dtensors(params: Iterable[Tensor]) -> bool:
         >>> has_dtensors([torch.zeros(2)])
         False
     """
-    return any(type(p).__name__ == "DTensor" and _is_dtensor(p) for p in params)
+    # the distinct types first (C-level): this runs on every functional call, over every parameter
+    return any(t.__name__ == "DTensor" and _is_dtensor_type(t) for t in set(map(type, params)))
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -374,3 +375,11 @@ def _is_dtensor(tensor: Tensor) -> bool:
     except ImportError:  # a torch build without distributed support has no DTensors
         return False
     return isinstance(tensor, DTensor)
+
+
+def _is_dtensor_type(cls: type) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support has no DTensors
+        return False
+    return issubclass(cls, DTensor)

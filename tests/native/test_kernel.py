@@ -94,6 +94,37 @@ def test_threads_split_rows_without_changing_a_bit(fused, dtype):
     assert removed[0] == pytest.approx(expected_removed, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_sq_from_the_same_pass_matches_float64(fused, dtype):
+    """The squared norm before GC, summed in float64 by the kernel, for every dtype and thread count."""
+    half_supported(fused, dtype)
+    shapes = [(33, 17), (1, 500), (64, 3, 7, 7), (7, 1), (6, 257), (130, 64)]
+    source = [offset_grad(s, dtype, seed=i) for i, s in enumerate(shapes)]
+    expected_grad_sq = sum(g.double().square().sum().item() for g in source)
+    expected_removed = sum((g.double() - gc_reference(g)).square().sum().item() for g in source)
+    results, sums = [], []
+    for threads in (1, 2, 3, 8):
+        grads, grad_sq = [g.clone() for g in source], []
+        removed = call_kernel(fused, grads, threads=threads, min_per_thread=1, grad_sq=grad_sq)
+        results.append(grads)
+        sums.append(grad_sq[0])
+        assert grad_sq[0] == pytest.approx(expected_grad_sq, rel=1e-12)  # float64 sums of exact squares
+        assert removed == pytest.approx(expected_removed, rel=1e-2 if dtype != torch.float64 else 1e-12)
+    for grads in results[1:]:  # asking for the norm changes no bit of the result, for any thread count
+        assert all(torch.equal(a, b) for a, b in zip(results[0], grads))
+    plain = [g.clone() for g in source]
+    call_kernel(fused, plain, threads=3, min_per_thread=1)
+    assert all(torch.equal(a, b) for a, b in zip(results[0], plain))
+
+
+def test_grad_sq_skips_skipped_jobs(fused):
+    grads = [offset_grad((4, 9), torch.float32, seed) for seed in range(3)]
+    expected = sum(g.double().square().sum().item() for j, g in enumerate(grads) if j != 1)
+    grad_sq: list[float] = []
+    call_kernel(fused, grads, threads=2, skip={1}, grad_sq=grad_sq)
+    assert grad_sq[0] == pytest.approx(expected, rel=1e-12)
+
+
 def test_a_zero_pointer_skips_its_job(fused):
     grads = [offset_grad((4, 9), torch.float32, seed) for seed in range(3)]
     untouched = grads[1].clone()
@@ -201,3 +232,29 @@ def test_gradients_that_require_grad_take_the_differentiable_eager_route(fused):
     torch.testing.assert_close(model.weight.grad.double(), expected, **ulp_tolerance(torch.float32))
     assert model.weight.grad.grad_fn is not None  # the subtraction is part of the graph, as with eager GC
     model.zero_grad(set_to_none=True)  # breaks the parameter-gradient reference cycle
+
+
+@pytest.mark.parametrize("native_on", ["1", "0"])
+def test_plan_stats_match_float64_whichever_route_takes_a_gradient(monkeypatch, native_on):
+    """grad_sq and removed_sq of plan.apply: kernel rows, stacked small ones, a grouped transposed conv (eager)
+    and a gradient the kernel declines at run time (a transposed copy), against float64."""
+    monkeypatch.setenv(native.ENV_SWITCH, native_on)
+    model = nn.Sequential(
+        nn.Linear(40, 30), nn.Linear(3, 3), nn.Linear(3, 3), nn.ConvTranspose2d(4, 6, 3, groups=2), nn.Conv2d(6, 8, 3)
+    )
+    plan = dense_plan(model)
+    executor = plan._executor
+    assert executor.singles and (executor.stacks or native_on == "1")  # the eager routes take some either way
+    assert (executor.native is not None) == (native_on == "1")
+    for i, param in enumerate(p for p in model.parameters() if p.ndim > 1):
+        param.grad = offset_grad(tuple(param.shape), torch.float32, seed=10 + i)
+    conv = model[4].weight
+    conv.grad = conv.grad.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels_last: still rows
+    model[0].weight.grad = model[0].weight.grad.t().contiguous().t()  # units are strided: declined to eager
+    grads = [t.param.grad.double().clone() for t in plan.targets]
+    expected_grad_sq = sum(g.square().sum().item() for g in grads)
+    stats = plan.apply(compute_stats=True)
+    # what was removed, read off the centralized gradients (their values are checked against float64 elsewhere)
+    removed = sum((g - t.param.grad.double()).square().sum().item() for g, t in zip(grads, plan.targets))
+    assert stats.grad_sq.item() == pytest.approx(expected_grad_sq, rel=1e-6)
+    assert stats.removed_sq.item() == pytest.approx(removed, rel=1e-4)
