@@ -39,6 +39,7 @@ from lightning_gc.errors import UnsupportedGradientLayoutError
 from lightning_gc.layouts import Mode, RowLayout
 from lightning_gc.plan_cache import plan_signature
 from lightning_gc.selection import DEFAULT_EXCLUDED_MODULES, ModuleSpec, Target, select
+from lightning_gc.sharding.dtensor import has_dtensors
 
 Warn = Callable[[str], None]
 
@@ -370,7 +371,7 @@ def _weight_for(target: Target, mode: Mode) -> _Weight:
             f"GC of the update (apply_to='update') cannot correct `{target.name}`: FSDP1 flattened it into 1-D"
             " shards and no FullyShardedDataParallel module it was given owns them: pass the FSDP-wrapped model."
         )
-    if _is_dtensor(param):
+    if has_dtensors([param]):
         return _dtensor_weight(target, geometry, mode)
     detached = param.detach()
     viewed = geometry.view(detached)
@@ -491,16 +492,6 @@ def _fsdp1_plan(
     shards = FlatShardPlan.for_optimizer(optimizer, module, root, config, warn or (lambda message: None))
     dense = [_weight_for(t, config.mode) for t in (shards.dense.targets if shards.dense is not None else [])]
     return UpdatePlan(dense, [_PieceGroup(group) for group in shards.groups])
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    if type(tensor).__name__ != "DTensor":
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(tensor, DTensor)
 
 
 # --- hooks -----------------------------------------------------------------------------------------------------

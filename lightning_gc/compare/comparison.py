@@ -309,11 +309,9 @@ def _write_sweep(
 
 
 def _arm_view(folder: OutputFolder, where: Path, records: list[RunRecord], project: Project) -> None:
-    """TensorBoard's per-arm view (``cluster``'s ``write_arm_view``), when this tree has it."""
-    try:
-        from lightning_gc.compare.tensorboard import write_arm_view
-    except ImportError:
-        return  # lightning_gc.compare.tensorboard is not in this tree yet
+    """TensorBoard's per-arm view (:func:`~lightning_gc.compare.tensorboard.write_arm_view`)."""
+    from lightning_gc.compare.tensorboard import write_arm_view  # imports TensorBoard: only once runs are done
+
     folder.record(where / "arms")
     try:
         write_arm_view(where, records, project.metric, project.mode)

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
+from lightning_gc.templating import find_templates, render
+
 ARMS = ("baseline", "gc")  # the default arms; any `configs/<arm>.yaml` of a project can be one
 BASELINE = "baseline"
 MODES = ("min", "max")
@@ -235,11 +237,6 @@ def _primary_metric(checkpoint: tuple[str | None, str], metric: str | None, mode
 def template_names() -> list[str]:
     """Names of the templates ``lightning-gc new`` can render."""
     try:
-        from lightning_gc.templating import find_templates
-    except ImportError:  # `new` not merged yet: the source tree's templates/ folder
-        root = Path(__file__).resolve().parents[2] / "templates"
-        return sorted(p.parent.name for p in root.glob("*/cookiecutter.json"))
-    try:
         return list(find_templates())
     except FileNotFoundError:
         return []
@@ -267,23 +264,5 @@ def resolve_project_dir(project: str) -> Iterator[tuple[Path, str]]:
 
 
 def _render(template: str, destination: Path) -> Path:
-    """Render ``template`` into ``destination`` with ``lightning-gc new``'s machinery (cookiecutter if absent)."""
-    try:
-        from lightning_gc.templating import render
-    except ImportError:
-        from cookiecutter.main import cookiecutter
-
-        root = Path(__file__).resolve().parents[2] / "templates"
-        out = destination.parent / ".render"
-        config = {"cookiecutters_dir": str(out / "cache"), "replay_dir": str(out / "replay")}
-        rendered = cookiecutter(
-            str(root / template),
-            no_input=True,
-            extra_context={"project_name": template.replace("-", " ")},
-            output_dir=str(out),
-            default_config=config,
-            accept_hooks=False,
-        )
-        os.replace(rendered, destination)
-        return destination
+    """Render ``template`` into ``destination`` with ``lightning-gc new``'s machinery."""
     return render(template, destination, project_name=template.replace("-", " "))
