@@ -66,6 +66,7 @@ class GCConfig:
 
             compile_backend(self.compile)
         object.__setattr__(self, "_key", self._text())  # read on every step: computed once
+        object.__setattr__(self, "_plan_key", (self._key, repr(self.compile)))
 
     def key(self) -> str:
         """A stable text form of the options that change results (the callback's ``state_key``).
@@ -76,7 +77,7 @@ class GCConfig:
 
     def plan_key(self) -> tuple[str, str]:
         """Everything that changes a plan, ``compile`` included: the key of :class:`~lightning_gc.plan_cache.PlanCache`."""
-        return self.key(), repr(self.compile)
+        return self._plan_key  # type: ignore[no-any-return, attr-defined]
 
     def _text(self) -> str:
         modules = [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in self.exclude_modules]

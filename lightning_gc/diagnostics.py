@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +37,34 @@ class GCStats:
     grad_sq: Tensor | None = None
     removed_sq: Tensor | None = None
     skipped: bool = False
+    _host_sums: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def set_host_sums(self, grad_sq: float, removed_sq: float) -> None:
+        """Set both squared norms from host floats (the CPU kernel's own sums), kept as floats for the writer."""
+        self.grad_sq = torch.tensor(grad_sq, dtype=torch.float32)
+        self.removed_sq = torch.tensor(removed_sq, dtype=torch.float32)
+        self._host_sums = (grad_sq, removed_sq)
+
+    def norms(self) -> tuple[float, float] | None:
+        """``(grad_norm, removed_norm_ratio)`` as floats, with at most one host synchronisation; ``None`` if not measured.
+
+        Example:
+            >>> GCStats(tensors=1, elements=4, grad_sq=torch.tensor(4.0), removed_sq=torch.tensor(1.0)).norms()
+            (2.0, 0.5)
+        """
+        if self.grad_sq is None or self.removed_sq is None:
+            return None
+        if self._host_sums is not None:
+            grad_sq, removed_sq = self._host_sums
+        else:
+            if _capturing(self.grad_sq.device):
+                raise RuntimeError(
+                    "GradientCentralization(log_diagnostics=True) cannot log inside a CUDA graph capture: reading the"
+                    " norms needs a host synchronisation, which capture forbids. Pass log_diagnostics=False (or"
+                    " compute_stats=False) for captured steps; GC itself is captured and replayed."
+                )
+            grad_sq, removed_sq = torch.stack([self.grad_sq.float(), self.removed_sq.float()]).tolist()
+        return math.sqrt(grad_sq), math.sqrt(removed_sq / max(grad_sq, _TINY))
 
     @property
     def grad_norm(self) -> Tensor | None:
@@ -99,18 +128,9 @@ class DiagnosticsWriter:
             self._counts[(prefix, loggers_key)] = counts
             out[f"{prefix}centralized_tensors"] = float(stats.tensors)
             out[f"{prefix}centralized_elements"] = float(stats.elements)
-        norm, ratio = stats.grad_norm, stats.removed_norm_ratio
-        if norm is not None and ratio is not None:
-            if _capturing(norm.device):
-                raise RuntimeError(
-                    "GradientCentralization(log_diagnostics=True) cannot log inside a CUDA graph capture: reading the"
-                    " norms needs a host synchronisation, which capture forbids. Pass log_diagnostics=False (or"
-                    " compute_stats=False) for captured steps; GC itself is captured and replayed."
-                )
-            # the step's one host synchronisation, for both values
-            norm_value, ratio_value = torch.stack([norm.float(), ratio.float()]).tolist()
-            out[f"{prefix}grad_norm"] = norm_value
-            out[f"{prefix}removed_norm_ratio"] = ratio_value
+        norms = stats.norms()  # the step's one host synchronisation, for both values
+        if norms is not None:
+            out[f"{prefix}grad_norm"], out[f"{prefix}removed_norm_ratio"] = norms
         return out
 
     def write(self, trainer: pl.Trainer, stats: GCStats, prefix: str = "gc/") -> dict[str, float]:
@@ -131,6 +151,9 @@ class DiagnosticsWriter:
             logger.log_metrics(metrics, step=step)
         trainer._logger_connector._logged_metrics.update(metrics)  # type: ignore[arg-type]  # floats, as after convert_tensors_to_scalars
         return metrics
+
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _accumulating(trainer: pl.Trainer) -> bool:

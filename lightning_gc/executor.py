@@ -91,6 +91,8 @@ class Executor:
         self.stacks = _stacks(units, eager, self.budget_bytes)
         stacked = {i for s in self.stacks for i in s.indices}
         self.singles = [i for i in eager if i not in stacked]
+        # every unit on the kernel, in plan order: the plan may hand the gradients straight to its checks
+        self.only_native = self.native if not eager and not gpu and self.compiled is None and native_all(self) else None
 
     def run(
         self,
@@ -159,6 +161,12 @@ class Executor:
         if removed is not None:
             removed.append(removed_sq)
         return set(chosen)
+
+
+def native_all(executor: Executor) -> bool:
+    """Whether ``executor``'s kernel route takes every unit, with jobs in unit order."""
+    native = executor.native
+    return native is not None and not executor._kernel_candidates and native.indices == list(range(len(executor.units)))
 
 
 def _stacks(units: list[Unit], candidates: list[int], budget_bytes: int) -> list[Stack]:

@@ -70,6 +70,7 @@ class GCPlan:
         self._sparse_warned = False
         self._params = [target.param for target in targets]
         self._shapes = [param.shape for param in self._params]
+        self._numel = sum(param.numel() for param in self._params)
         self._executor = Executor([Unit.of(target, mode) for target in targets], compile=compile, warn=warn)
 
     def apply(self, compute_stats: bool = False, grad_scale: float = 1.0) -> GCStats:
@@ -84,6 +85,11 @@ class GCPlan:
             grad_scale: the loss scale the gradients still carry (fused optimizers unscale themselves);
                 stats are reported unscaled and the weight-decay compensation is scaled to match.
         """
+        native = self._executor.only_native
+        if native is not None:  # the kernel's own checks see every gradient first; None: not all as planned
+            done = native.run_checked([param.grad for param in self._params], grad_scale, compute_stats)
+            if done is not None:
+                return self._kernel_stats(*done, compute_stats, grad_scale)
         grads = self._checked_gradients()
         live = [g for g in grads if g is not None]
         stats = GCStats(tensors=len(live), elements=sum(map(Tensor.numel, live)))
@@ -95,6 +101,19 @@ class GCPlan:
         if removed is not None and grad_sq is not None:
             stats.grad_sq = _total(grad_sq, live[0].device, grad_scale)
             stats.removed_sq = _total(removed, live[0].device, grad_scale)
+        return stats
+
+    def _kernel_stats(
+        self, removed_sq: float, grad_sq: float, live: int, compute_stats: bool, grad_scale: float
+    ) -> GCStats:
+        """The stats of a step the kernel did alone: its host sums, as 0-dim float32 tensors like every route's."""
+        if live == len(self._params):
+            elements = self._numel
+        else:
+            elements = sum(p.grad.numel() for p in self._params if p.grad is not None)  # type: ignore[union-attr]
+        stats = GCStats(tensors=live, elements=elements)
+        if compute_stats and live:
+            stats.set_host_sums(grad_sq / grad_scale**2, removed_sq / grad_scale**2)
         return stats
 
     def _checked_gradients(self) -> list[Tensor | None]:

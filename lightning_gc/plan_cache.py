@@ -3,17 +3,21 @@
 Plans are keyed weakly on what owns the parameters (the optimizer if given, else the module), so a cache
 entry lives exactly as long as its model or optimizer, and on everything that changes a plan: the
 options (``compile`` included, :meth:`~lightning_gc.config.GCConfig.plan_key`), the adapter and the
-module. Each call recomputes a cheap signature of the parameters (their ids, and ``requires_grad`` for
-modules, or the optimizer's param groups and decay settings) and re-plans when it changed: a replaced
-layer or an unfrozen one is never missed. A bare iterable of parameters has no owner to key on and is
-planned on every call.
+module. Each call recomputes a cheap signature of the parameters (their ids, ``requires_grad`` and dtypes,
+and the optimizer's decay settings) and re-plans when it changed: a replaced layer or an unfrozen one is
+never missed. A bare iterable of parameters has no owner to key on and is planned on every call.
+
+The last plan returned is remembered beside the table, so the step-after-step case (one optimizer, the
+same options) is one weak reference and two comparisons: the hook runs right after backward has pushed
+the interpreter out of the CPU caches, where every dictionary probe is a cache miss.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -42,6 +46,7 @@ class PlanCache:
 
     def __init__(self) -> None:
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._last: tuple[weakref.ref[Any], Hashable, Hashable, weakref.ref[Any]] | None = None
         self.builds = 0  # plans built so far: what tests and diagnostics read to see reuse
 
     def plan(
@@ -65,15 +70,26 @@ class PlanCache:
             signature = (plan_signature(optimizer), tuple(map(id, params)))
         else:
             signature = plan_signature(optimizer)
+        last = self._last
+        if last is not None and last[0]() is owner and last[1] == key and last[2] == signature:
+            plan = last[3]()
+            if plan is not None:
+                return plan  # type: ignore[no-any-return]
         plans: dict[Hashable, tuple[Hashable, AppliesGC]] = self._plans.setdefault(owner, {})  # type: ignore[no-untyped-call]
         cached = plans.get(key)
         if cached is not None and cached[0] == signature:
+            self._remember(owner, key, signature, cached[1])
             return cached[1]
         plan = self._build(adapter, config, optimizer, module, params, warn)
         selection = getattr(plan, "selection", None)
         if selection is None or not selection.provisional:  # Lazy layers keep their ids when they get a shape
             plans[key] = (signature, plan)
+            self._remember(owner, key, signature, plan)
         return plan
+
+    def _remember(self, owner: object, key: Hashable, signature: Hashable, plan: AppliesGC) -> None:
+        """The fast path's entry: weak, so that it keeps neither the owner nor the plan alive."""
+        self._last = (weakref.ref(owner), key, signature, weakref.ref(plan))
 
     def _build(
         self,
@@ -97,6 +113,7 @@ class PlanCache:
     def clear(self) -> None:
         """Forget every plan."""
         self._plans = WeakIdKeyDictionary()
+        self._last = None
 
     def __getstate__(self) -> dict[str, int]:
         """Pickled empty (``ddp_spawn`` pickles callbacks): plans hold this process's tensors, never another's."""
@@ -114,22 +131,24 @@ class PlanCache:
 def plan_signature(optimizer: Optimizer) -> Hashable:
     """Changes whenever the optimizer's parameters or decay settings do, so a cached plan can be reused."""
     # every value is read afresh (a list mutated in place, `requires_grad_()`, a `.data` swap to another
-    # dtype keep every object's identity); `map` with attrgetters reads them at C speed, a genexpr did not
-    return tuple(
-        (
-            tuple(map(id, params := g["params"])),
-            tuple(map(_REQUIRES_GRAD, params)),  # the selection skips frozen parameters
-            tuple(map(_DTYPE, params)),  # `model.double()` keeps the parameters, changes their plans
-            g.get("weight_decay"),
-            g.get("maximize"),
-            g.get("decoupled_weight_decay"),
-        )
-        for g in optimizer.param_groups
-    )
+    # dtype keep every object's identity); `map` with one attrgetter reads both at C speed
+    signature = []
+    for group in optimizer.param_groups:
+        params = group["params"]
+        signature.append((
+            tuple(map(id, params)),
+            # the selection skips frozen parameters; `model.double()` keeps the parameters, changes their plans
+            tuple(map(_REQUIRES_GRAD_AND_DTYPE, params)),
+            group.get("weight_decay"),
+            group.get("maximize"),
+            group.get("decoupled_weight_decay"),
+        ))  # fmt: skip
+    return tuple(signature)
 
 
 _REQUIRES_GRAD = attrgetter("requires_grad")
 _DTYPE = attrgetter("dtype")
+_REQUIRES_GRAD_AND_DTYPE = attrgetter("requires_grad", "dtype")
 
 
 def module_signature(module: nn.Module) -> Hashable:

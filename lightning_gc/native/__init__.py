@@ -13,6 +13,6 @@ Example:
     True
 """
 
-from lightning_gc.native.build import ENV_CACHE, ENV_SWITCH, NativeStatus, kernel, status
+from lightning_gc.native.build import ENV_BINDING, ENV_CACHE, ENV_SWITCH, NativeStatus, kernel, status
 
-__all__ = ["ENV_CACHE", "ENV_SWITCH", "NativeStatus", "kernel", "status"]
+__all__ = ["ENV_BINDING", "ENV_CACHE", "ENV_SWITCH", "NativeStatus", "kernel", "status"]

@@ -119,6 +119,19 @@ class NativeRoute:
         self._identity = self.indices == list(range(len(units)))  # the executor's grads are the jobs' own
         for j, (_, g) in enumerate(picked):
             self._plan_job(j, *g)
+        # what the binding checks each gradient against: these very lists, which `_plan_job` keeps current
+        tables = (
+            self._grads,
+            self._weights,
+            self._rows,
+            self._cols,
+            self._row_strides,
+            self._dtypes,
+            self._coefficients,
+        )
+        weights = [p if d else None for p, d in zip(self.params, self.decay)]
+        self._expected = (Tensor, self._dtype, self._shape, self._stride, self._bytes, self._element_size, weights,
+                          *map(ctypes.addressof, tables))  # fmt: skip
 
     def run(
         self,
@@ -135,7 +148,17 @@ class NativeRoute:
         Appends the squared norm of what was removed to ``removed`` when given, and the squared norm of the
         gradients it took, before GC (summed in float64 in the same pass), to ``grad_sq`` when given.
         """
-        jobs = grads if self._identity else [grads[i] for i in self.indices]
+        jobs = grads if self._identity and len(grads) == len(self.indices) else [grads[i] for i in self.indices]
+        done = self.run_checked(jobs, grad_scale, grad_sq is not None)
+        if done is not None:
+            removed_sq, grad_total, live_jobs = done
+            if live_jobs and removed is not None:
+                removed.append(removed_sq)
+            if live_jobs and grad_sq is not None:
+                grad_sq.append(grad_total)
+            return []
+        for j in self.decayed:
+            self._coefficients[j] = self.decay[j] * grad_scale
         declined: list[int]
         live: list[Tensor]
         if self._all_as_planned(jobs):  # the common case, checked a list at a time
@@ -152,20 +175,41 @@ class NativeRoute:
             return declined
         self._grads[:] = pointers  # type: ignore[assignment]  # ctypes stubs: arrays take ints
         for j in self.decayed:
-            self._weights[j] = self.params[j].data_ptr()
-            self._coefficients[j] = self.decay[j] * grad_scale
+            self._weights[j] = self.params[j].data_ptr() if pointers[j] else 0
         grad_total = ctypes.c_double(0.0)
         removed_sq = self.kernel.centralize(
             len(self.indices), self._grads, self._weights, self._rows, self._cols, self._row_strides,
             self._dtypes, self._coefficients, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD,
             ctypes.byref(grad_total) if grad_sq is not None else None,
         )  # fmt: skip
+        self._grads[:] = [0] * len(pointers)  # type: ignore[assignment]  # no address outlives the call
         torch.autograd.graph.increment_version(live)  # written behind autograd's back: say so, as in-place ops do
         if removed is not None:  # host floats: the kernel ran on the host, no tensor needed until the sum
             removed.append(removed_sq)
         if grad_sq is not None:
             grad_sq.append(grad_total.value)
         return declined
+
+    def run_checked(
+        self, jobs: Sequence[Tensor | None], grad_scale: float, want_grad_sq: bool
+    ) -> tuple[float, float, int] | None:
+        """Every check and the kernel in one C call (``binding.c``), for the jobs' gradients in job order.
+
+        Returns ``(removed_sq, grad_sq, live)`` (``grad_sq`` 0 unless wanted; ``live``: gradients centralized),
+        or ``None`` when the binding is not built or some gradient (or decay weight) is not exactly as planned:
+        then nothing was written, and :meth:`run` checks them one by one.
+        """
+        checked = self.kernel.checked_centralize
+        if checked is None:
+            return None
+        for j in self.decayed:
+            self._coefficients[j] = self.decay[j] * grad_scale
+        as_list = jobs if type(jobs) is list else list(jobs)
+        done = checked(as_list, self._expected, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD, want_grad_sq)
+        if done is not None and done[2]:
+            live = as_list if done[2] == len(as_list) else [g for g in as_list if g is not None]
+            torch._C._increment_version(live)  # written behind autograd's back: say so, as in-place ops do
+        return done
 
     def _all_as_planned(self, jobs: Sequence[Tensor | None]) -> bool:
         """Whether every job's gradient is present and exactly as planned, checked with C-level iteration."""

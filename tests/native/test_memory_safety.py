@@ -23,9 +23,14 @@ SEEDS = range(8)
 
 
 def run_python(args: list[str], route: str) -> subprocess.CompletedProcess[str]:
-    if route == "native" and not native.status().available:
+    """Run Python with the kernel checking gradients in C (``native``), in Python (``python-checks``), or off."""
+    if route != "eager" and not native.status().available:
         pytest.skip(f"fused kernel unavailable: {native.status().reason}")
-    env = {**os.environ, native.ENV_SWITCH: "1" if route == "native" else "0"}
+    env = {
+        **os.environ,
+        native.ENV_SWITCH: "0" if route == "eager" else "1",
+        native.ENV_BINDING: "0" if route == "python-checks" else "1",
+    }
     return subprocess.run([sys.executable, "-W", "ignore", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -34,10 +39,10 @@ def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
     assert result.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("route", ["native", "eager"])
+@pytest.mark.parametrize("route", ["native", "python-checks", "eager"])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_model_changes_never_crash_and_match_the_reference(seed, route):
-    """Every dtype to one rounding of it (float64 to 1e-10): both routes plan by the gradient's dtype."""
+    """Every dtype to one rounding of it (float64 to 1e-10): every route plans by the gradient's dtype."""
     assert_ok(run_python([str(DRIVER), "--seed", str(seed), "--changes", "30"], route))
 
 
