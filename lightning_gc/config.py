@@ -65,8 +65,9 @@ class GCConfig:
             from lightning_gc.compiled import compile_backend  # imports torch._dynamo: only when asked for
 
             compile_backend(self.compile)
-        object.__setattr__(self, "_key", self._text())  # read on every step: computed once
-        object.__setattr__(self, "_plan_key", (self._key, repr(self.compile)))
+        key = self._text()
+        object.__setattr__(self, "_key", key)  # read on every step: computed once
+        object.__setattr__(self, "_plan_key", (key, repr(self.compile)))
 
     def key(self) -> str:
         """A stable text form of the options that change results (the callback's ``state_key``).

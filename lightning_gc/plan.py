@@ -110,7 +110,7 @@ class GCPlan:
         if live == len(self._params):
             elements = self._numel
         else:
-            elements = sum(p.grad.numel() for p in self._params if p.grad is not None)  # type: ignore[union-attr]
+            elements = sum(p.grad.numel() for p in self._params if p.grad is not None)
         stats = GCStats(tensors=live, elements=elements)
         if compute_stats and live:
             stats.set_host_sums(grad_sq / grad_scale**2, removed_sq / grad_scale**2)

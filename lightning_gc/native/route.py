@@ -131,7 +131,7 @@ class NativeRoute:
         )
         weights = [p if d else None for p, d in zip(self.params, self.decay)]
         self._expected = (Tensor, self._dtype, self._shape, self._stride, self._bytes, self._element_size, weights,
-                          *map(ctypes.addressof, tables))  # fmt: skip
+                          *[ctypes.addressof(table) for table in tables])  # fmt: skip
 
     def run(
         self,
@@ -151,11 +151,10 @@ class NativeRoute:
         jobs = grads if self._identity and len(grads) == len(self.indices) else [grads[i] for i in self.indices]
         done = self.run_checked(jobs, grad_scale, grad_sq is not None)
         if done is not None:
-            removed_sq, grad_total, live_jobs = done
-            if live_jobs and removed is not None:
-                removed.append(removed_sq)
-            if live_jobs and grad_sq is not None:
-                grad_sq.append(grad_total)
+            if done[2] and removed is not None:
+                removed.append(done[0])
+            if done[2] and grad_sq is not None:
+                grad_sq.append(done[1])
             return []
         for j in self.decayed:
             self._coefficients[j] = self.decay[j] * grad_scale
@@ -182,7 +181,7 @@ class NativeRoute:
             self._dtypes, self._coefficients, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD,
             ctypes.byref(grad_total) if grad_sq is not None else None,
         )  # fmt: skip
-        self._grads[:] = [0] * len(pointers)  # type: ignore[assignment]  # no address outlives the call
+        self._grads[:] = [0] * len(pointers)  # no address outlives the call
         torch.autograd.graph.increment_version(live)  # written behind autograd's back: say so, as in-place ops do
         if removed is not None:  # host floats: the kernel ran on the host, no tensor needed until the sum
             removed.append(removed_sq)
@@ -207,7 +206,7 @@ class NativeRoute:
         as_list = jobs if type(jobs) is list else list(jobs)
         done = checked(as_list, self._expected, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD, want_grad_sq)
         if done is not None and done[2]:
-            live = as_list if done[2] == len(as_list) else [g for g in as_list if g is not None]
+            live: list[Tensor] = [g for g in as_list if g is not None] if done[2] < len(as_list) else as_list  # type: ignore[assignment]
             torch._C._increment_version(live)  # written behind autograd's back: say so, as in-place ops do
         return done
 
