@@ -118,6 +118,9 @@ class GradientCentralization(Callback):
         self._adapter: LayoutAdapter | None = None
         self._reported = False
         self._update = UpdateHooks(self.config) if self.config.apply_to == "update" else None
+        # Lightning reads `state_key` at every hook it dispatches (for the profiler's action names): made once
+        self._state_key = self._generate_state_key(config=self.config.key())
+        self._scaler: Any = None  # the precision plugin's GradScaler, if any (read at setup)
 
     @property
     def plans(self) -> list[AppliesGC]:
@@ -126,12 +129,13 @@ class GradientCentralization(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(config=self.config.key())
+        return self._state_key
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._update is not None:
             check_strategy(trainer.strategy)
         self._adapter = adapter_for(trainer.strategy)
+        self._scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         self._plans.clear()
         warn_if_compile_unused(self.config, self._adapter, rank_zero_warn)
 
@@ -157,7 +161,17 @@ class GradientCentralization(Callback):
             rank_zero_debug(report.table())
         _log_text(trainer, "gc/selection", report.markdown())
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_events()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_events()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._flush_events()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._flush_events()
         if self._update is not None:
             self.optimizer_steps += self._update.steps
             self._update.detach()
@@ -170,7 +184,7 @@ class GradientCentralization(Callback):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in some call paths
         plan = self._plan_for(optimizer, pl_module, trainer)
         log = self.log_diagnostics and bool(trainer.loggers) and _is_log_step(trainer)
-        stats = plan.apply(compute_stats=log, grad_scale=_grad_scale(trainer, optimizer))
+        stats = plan.apply(compute_stats=log, grad_scale=_grad_scale(self._scaler, optimizer))
         if stats.skipped:  # DeepSpeed: the hook runs per micro-batch, steps only at boundaries
             return
         self.optimizer_steps += 1
@@ -186,6 +200,7 @@ class GradientCentralization(Callback):
     def _plan_for(self, optimizer: Optimizer, module: nn.Module, trainer: pl.Trainer) -> AppliesGC:
         if self._adapter is None:  # hook called without `setup`, e.g. a hand-driven loop
             self._adapter = adapter_for(trainer.strategy)
+            self._scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         return self._plans.plan(self._adapter, self.config, module, optimizer, rank_zero_warn)
 
     def on_train_batch_end(
@@ -194,6 +209,11 @@ class GradientCentralization(Callback):
         writer: DiagnosticsWriter | None = self.__dict__.get("_diagnostics")
         if writer is not None:  # diagnostics held back on a batch Lightning accumulates (see DiagnosticsWriter)
             writer.flush(trainer)
+
+    def _flush_events(self) -> None:
+        writer: DiagnosticsWriter | None = self.__dict__.get("_diagnostics")
+        if writer is not None:
+            writer.flush_events()
 
     def _log(self, pl_module: pl.LightningModule, trainer: pl.Trainer, optimizer: Optimizer, stats: GCStats) -> None:
         prefix = "gc/"
@@ -231,12 +251,11 @@ def _log_text(trainer: pl.Trainer, tag: str, text: str) -> None:
             logger.experiment.add_text(tag, text, global_step=trainer.global_step)
 
 
-def _grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> float:
+def _grad_scale(scaler: Any, optimizer: Optimizer) -> float:
     """The loss scale still in the gradients: non-1 only for fused optimizers under fp16 AMP.
 
     Lightning unscales before the hook unless the optimizer unscales inside its own ``step``.
     """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return 1.0
     return float(scaler.get_scale())

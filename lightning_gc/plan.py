@@ -87,7 +87,7 @@ class GCPlan:
         """
         native = self._executor.only_native
         if native is not None:  # the kernel's own checks see every gradient first; None: not all as planned
-            done = native.run_checked([param.grad for param in self._params], grad_scale, compute_stats)
+            done = native.run_checked(self._params, grad_scale, compute_stats, from_params=True)
             if done is not None:
                 return self._kernel_stats(*done, compute_stats, grad_scale)
         grads = self._checked_gradients()

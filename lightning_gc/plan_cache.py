@@ -23,6 +23,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightning_gc.native import kernel as native_kernel
+
 if TYPE_CHECKING:
     from lightning_gc.config import GCConfig
     from lightning_gc.sharding import AppliesGC, LayoutAdapter
@@ -47,6 +49,7 @@ class PlanCache:
     def __init__(self) -> None:
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._last: tuple[weakref.ref[Any], Hashable, Hashable, weakref.ref[Any]] | None = None
+        self._same_signature: Callable[[list[Any], tuple[Any, ...]], bool] | None = None
         self.builds = 0  # plans built so far: what tests and diagnostics read to see reuse
 
     def plan(
@@ -64,13 +67,19 @@ class PlanCache:
         if owner is None:
             return self._build(adapter, config, optimizer, module, params, warn)
         key = (config.plan_key(), type(adapter).__name__, id(module) if optimizer is not None else None)
+        last = self._last
+        if last is not None and params is None and optimizer is not None and last[0]() is owner and last[1] == key:
+            same = self._same_signature  # in C where the kernel's binding is built: reads, builds nothing
+            if same is not None and same(optimizer.param_groups, last[2]):  # type: ignore[arg-type]
+                plan = last[3]()
+                if plan is not None:
+                    return plan  # type: ignore[no-any-return]
         if optimizer is None:
             signature: Hashable = module_signature(module)  # type: ignore[arg-type]
         elif params is not None:  # restricted to these parameters: they are part of the signature
             signature = (plan_signature(optimizer), tuple(map(id, params)))
         else:
             signature = plan_signature(optimizer)
-        last = self._last
         if last is not None and last[0]() is owner and last[1] == key and last[2] == signature:
             plan = last[3]()
             if plan is not None:
@@ -90,6 +99,8 @@ class PlanCache:
     def _remember(self, owner: object, key: Hashable, signature: Hashable, plan: AppliesGC) -> None:
         """The fast path's entry: weak, so that it keeps neither the owner nor the plan alive."""
         self._last = (weakref.ref(owner), key, signature, weakref.ref(plan))
+        if self._same_signature is None:
+            self._same_signature = _same_signature()
 
     def _build(
         self,
@@ -144,6 +155,12 @@ def plan_signature(optimizer: Optimizer) -> Hashable:
             group.get("decoupled_weight_decay"),
         ))  # fmt: skip
     return tuple(signature)
+
+
+def _same_signature() -> Callable[[list[Any], tuple[Any, ...]], bool] | None:
+    """The binding's check that :func:`plan_signature` is unchanged, or ``None`` where it is not built."""
+    kernel = native_kernel()
+    return kernel.same_signature if kernel is not None else None
 
 
 _REQUIRES_GRAD = attrgetter("requires_grad")

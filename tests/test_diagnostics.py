@@ -93,3 +93,64 @@ def test_norms_match_a_float64_reference_of_the_gradients(log_every_n_steps):
         assert metrics["gc/grad_norm"] == pytest.approx(total, rel=1e-5)
         assert metrics["gc/removed_norm_ratio"] == pytest.approx(removed / total, rel=1e-5)
         assert isinstance(metrics["gc/grad_norm"], float)
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar in the event files under ``folder``: tag -> [(step, value, wall_time)], in file order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for events in sorted(folder.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value, e.wall_time) for e in accumulator.Scalars(tag))
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "run"])
+def test_tensorboard_gets_what_log_metrics_would_write_at_every_logging_step(tmp_path, prefix):
+    """40 logging steps (more than a batch of waiting events): same tags, steps and values as ``log_metrics``."""
+    from lightning.fabric.utilities.logger import _add_prefix
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_gc.diagnostics import BATCH_STEPS
+
+    assert BATCH_STEPS < 40
+    recording, tensorboard = RecordingLogger(), TensorBoardLogger(tmp_path, name="tb", prefix=prefix)
+    t = trainer(callbacks=[GradientCentralization()], logger=[tensorboard, recording], log_every_n_steps=1)
+    t.fit(TinyModule(), loader(make_batches(40)))
+    written = tensorboard_scalars(tmp_path)
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for step, metrics in gc_calls(recording):
+        for tag, value in _add_prefix(metrics, prefix, TensorBoardLogger.LOGGER_JOIN_CHAR).items():
+            expected.setdefault(tag, []).append((step, value))
+    assert len(expected[f"{prefix}-gc/grad_norm" if prefix else "gc/grad_norm"]) == 40
+    assert set(expected) <= set(written)
+    for tag, values in expected.items():
+        got = [(step, value) for step, value, _ in written[tag]]
+        assert [s for s, _ in got] == [s for s, _ in values], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in values], rel=1e-6), tag  # float32 in the file
+        walls = [w for _, _, w in written[tag]]
+        assert walls == sorted(walls) and (len(walls) == 1 or walls[-1] > walls[0]), "each step's own wall time"
+
+
+def test_waiting_tensorboard_events_reach_the_writer_at_each_epoch_end(tmp_path):
+    """Fewer logging steps than a batch: nothing may wait past the epoch (or the fit) they belong to."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class Probe(Callback):
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):  # runs after GradientCentralization's
+            trainer.logger.experiment.flush()
+            self.seen.append(len(tensorboard_scalars(tmp_path).get("gc/grad_norm", [])))
+
+    probe = Probe()
+    t = trainer(callbacks=[GradientCentralization(), probe], logger=TensorBoardLogger(tmp_path, name="tb"),
+                log_every_n_steps=1, max_epochs=2)  # fmt: skip
+    t.fit(TinyModule(), loader(make_batches(5)))
+    assert probe.seen == [5, 10]
+    assert [s for s, _, _ in tensorboard_scalars(tmp_path)["gc/grad_norm"]] == list(range(10))

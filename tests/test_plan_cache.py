@@ -186,3 +186,42 @@ def test_a_plan_made_before_a_lazy_layer_has_its_shape_is_not_reused():
     after = cache.plan(DenseAdapter(), GCConfig(), model)
     assert [t.name for t in after.targets] == ["0.weight"]  # type: ignore[attr-defined]
     assert cache.plan(DenseAdapter(), GCConfig(), model) is after
+
+
+def test_the_binding_reads_the_signature_as_plan_signature_compares_it():
+    """``same_signature`` (C) must say "same" exactly when a fresh ``plan_signature`` equals the old one."""
+    from lightning_gc.native import kernel
+    from lightning_gc.plan_cache import plan_signature
+
+    fused = kernel()
+    if fused is None or fused.same_signature is None:
+        pytest.skip("the kernel's binding is not built here")
+
+    def changes(model: nn.Sequential, optimizer: torch.optim.Optimizer):
+        yield "nothing", lambda: None
+        yield "requires_grad_", lambda: model[0].weight.requires_grad_(False)
+        yield ".data to float64", lambda: setattr(model[1].weight, "data", model[1].weight.data.double())
+        yield (
+            "params replaced in place",
+            lambda: optimizer.param_groups[0]["params"].__setitem__(0, nn.Parameter(torch.ones(3))),
+        )
+        yield "params appended", lambda: optimizer.param_groups[0]["params"].append(nn.Parameter(torch.ones(2)))
+        yield "params reordered", lambda: optimizer.param_groups[0]["params"].reverse()
+        yield "weight_decay", lambda: optimizer.param_groups[0].__setitem__("weight_decay", 0.5)
+        yield "maximize", lambda: optimizer.param_groups[0].__setitem__("maximize", True)
+        yield (
+            "decoupled_weight_decay added",
+            lambda: optimizer.param_groups[0].__setitem__("decoupled_weight_decay", False),
+        )
+        yield "group added", lambda: optimizer.add_param_group({"params": [nn.Parameter(torch.ones(4))]})
+        yield "lr (not in the signature)", lambda: optimizer.param_groups[0].__setitem__("lr", 3.0)
+
+    for index in range(11):
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.0)
+        name, change = list(changes(model, optimizer))[index]
+        before = plan_signature(optimizer)
+        change()
+        expected = plan_signature(optimizer) == before
+        assert fused.same_signature(optimizer.param_groups, before) is expected, name
+        assert expected is (name in ("nothing", "lr (not in the signature)")), name

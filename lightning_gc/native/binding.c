@@ -16,11 +16,16 @@
 #include <Python.h>
 #include <stdint.h>
 
+/* Below this many entries the kernel runs with the GIL held: releasing it hands the interpreter to any thread
+ * waiting for it (TensorBoard's event writer, a data loader's), and taking it back then costs more than the
+ * kernel itself (tens of microseconds); above it, other threads may run while the kernel does. */
+#define LGC_RELEASE_GIL_ENTRIES (1 << 20)
+
 double lgc_centralize(int64_t jobs, const int64_t *grad, const int64_t *weight, const int64_t *rows,
                       const int64_t *cols, const int64_t *row_stride, const int32_t *dtype,
                       const double *coefficient, int64_t threads, int64_t min_per_thread, double *grad_sq);
 
-static PyObject *s_dtype, *s_shape, *s_requires_grad, *s_is_cpu, *s_stride, *s_storage_offset, *s_untyped_storage,
+static PyObject *s_weight_decay, *s_maximize, *s_decoupled_weight_decay, *s_params, *s_grad, *s_dtype, *s_shape, *s_requires_grad, *s_is_cpu, *s_stride, *s_storage_offset, *s_untyped_storage,
     *s_nbytes, *s_data_ptr, *s_detach;
 
 /* The fields of a plan's expectations tuple (route.py, NativeRoute._expected), in order. */
@@ -39,6 +44,7 @@ enum {
   E_ROW_STRIDES,
   E_DTYPE_CODES,
   E_COEFFICIENTS,
+  E_INCREMENT_VERSION, /* torch._C._increment_version: called on the gradients written */
   E_FIELDS
 };
 
@@ -91,27 +97,15 @@ static int64_t *table(PyObject *expected, int field) {
   return (int64_t *)(intptr_t)PyLong_AsLongLong(PyTuple_GET_ITEM(expected, field));
 }
 
-/* checked_centralize(grads, expected, threads, min_per_thread, want_grad_sq)
- *   -> (removed_sq, grad_sq, live) | None
- * `grads`: a list aligned with the jobs (None: skip the job). None back: some gradient (or decay weight) is not
- * as planned, and nothing was written. */
-static PyObject *checked_centralize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-  if (nargs != 5 || !PyList_CheckExact(args[0]) || !PyTuple_CheckExact(args[1]) || PyTuple_GET_SIZE(args[1]) != E_FIELDS) {
-    PyErr_SetString(PyExc_TypeError, "checked_centralize(grads: list, expected: tuple, threads, min_per_thread, want_grad_sq)");
-    return NULL;
-  }
-  PyObject *grads = args[0], *expected = args[1];
+/* Check every job's gradient, and if all are as planned, centralize them; return the result tuple or None. */
+static PyObject *check_and_run(PyObject *grads, PyObject *expected, int64_t threads, int64_t min_per_thread,
+                               int want_grad_sq) {
   Py_ssize_t jobs = PyList_GET_SIZE(grads);
-  if (PyList_GET_SIZE(PyTuple_GET_ITEM(expected, E_DTYPES)) != jobs) {
-    PyErr_SetString(PyExc_ValueError, "checked_centralize: one gradient (or None) per planned job");
-    return NULL;
-  }
-  int64_t threads = PyLong_AsLongLong(args[2]), min_per_thread = PyLong_AsLongLong(args[3]);
-  int want_grad_sq = PyObject_IsTrue(args[4]);
-  if (PyErr_Occurred()) return NULL;
   int64_t *grad = table(expected, E_GRAD_TABLE), *weight = table(expected, E_WEIGHT_TABLE);
+  const int64_t *rows = table(expected, E_ROWS), *cols = table(expected, E_COLS);
   PyObject *weights = PyTuple_GET_ITEM(expected, E_WEIGHTS);
   Py_ssize_t live = 0;
+  int64_t entries = 0;
   for (Py_ssize_t j = 0; j < jobs; ++j) {
     PyObject *g = PyList_GET_ITEM(grads, j);
     grad[j] = weight[j] = 0;
@@ -130,22 +124,125 @@ static PyObject *checked_centralize(PyObject *self, PyObject *const *args, Py_ss
       Py_RETURN_NONE;
     }
     grad[j] = address;
+    entries += rows[j] * cols[j];
     ++live;
   }
   if (PyErr_Occurred()) return NULL;
   double removed_sq = 0.0, grad_sq = 0.0;
-  if (live) {
-    Py_BEGIN_ALLOW_THREADS removed_sq = lgc_centralize(
-        jobs, grad, weight, table(expected, E_ROWS), table(expected, E_COLS), table(expected, E_ROW_STRIDES),
-        (const int32_t *)table(expected, E_DTYPE_CODES), (const double *)table(expected, E_COEFFICIENTS), threads,
-        min_per_thread, want_grad_sq ? &grad_sq : 0);
+  const int64_t *row_stride = table(expected, E_ROW_STRIDES);
+  const int32_t *dtype = (const int32_t *)table(expected, E_DTYPE_CODES);
+  const double *coefficient = (const double *)table(expected, E_COEFFICIENTS);
+  double *grad_sq_out = want_grad_sq ? &grad_sq : 0;
+  if (live && entries >= LGC_RELEASE_GIL_ENTRIES) {
+    Py_BEGIN_ALLOW_THREADS removed_sq = lgc_centralize(jobs, grad, weight, rows, cols, row_stride, dtype, coefficient,
+                                                       threads, min_per_thread, grad_sq_out);
     Py_END_ALLOW_THREADS
+  } else if (live) {
+    removed_sq = lgc_centralize(jobs, grad, weight, rows, cols, row_stride, dtype, coefficient, threads, min_per_thread,
+                                grad_sq_out);
   }
   for (Py_ssize_t j = 0; j < jobs; ++j) grad[j] = weight[j] = 0; /* no address outlives the call */
+  if (live) { /* written behind autograd's back: say so, as in-place ops do (None entries are skipped) */
+    PyObject *written = grads;
+    if (live < jobs) {
+      written = PyList_New(0);
+      for (Py_ssize_t j = 0; written && j < jobs; ++j)
+        if (PyList_GET_ITEM(grads, j) != Py_None && PyList_Append(written, PyList_GET_ITEM(grads, j)) < 0) Py_CLEAR(written);
+      if (!written) return NULL;
+    } else {
+      Py_INCREF(written);
+    }
+    PyObject *done = PyObject_CallOneArg(PyTuple_GET_ITEM(expected, E_INCREMENT_VERSION), written);
+    Py_DECREF(written);
+    if (!done) return NULL;
+    Py_DECREF(done);
+  }
   return Py_BuildValue("(ddn)", removed_sq, grad_sq, live);
 }
 
+/* checked_centralize(items, expected, threads, min_per_thread, want_grad_sq, from_params)
+ *   -> (removed_sq, grad_sq, live) | None
+ * `items`: a list aligned with the jobs: their gradients (None: skip the job), or with `from_params` their
+ * parameters, whose `.grad` is read here. None back: some gradient (or decay weight) is not as planned, and
+ * nothing was written. */
+static PyObject *checked_centralize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  if (nargs != 6 || !PyList_CheckExact(args[0]) || !PyTuple_CheckExact(args[1]) || PyTuple_GET_SIZE(args[1]) != E_FIELDS) {
+    PyErr_SetString(PyExc_TypeError,
+                    "checked_centralize(items: list, expected: tuple, threads, min_per_thread, want_grad_sq, from_params)");
+    return NULL;
+  }
+  PyObject *items = args[0], *expected = args[1];
+  Py_ssize_t jobs = PyList_GET_SIZE(items);
+  if (PyList_GET_SIZE(PyTuple_GET_ITEM(expected, E_DTYPES)) != jobs) {
+    PyErr_SetString(PyExc_ValueError, "checked_centralize: one gradient (or None) per planned job");
+    return NULL;
+  }
+  int64_t threads = PyLong_AsLongLong(args[2]), min_per_thread = PyLong_AsLongLong(args[3]);
+  int want_grad_sq = PyObject_IsTrue(args[4]), from_params = PyObject_IsTrue(args[5]);
+  if (PyErr_Occurred()) return NULL;
+  if (!from_params) return check_and_run(items, expected, threads, min_per_thread, want_grad_sq);
+  PyObject *grads = PyList_New(jobs); /* holds each gradient for the duration of the call */
+  for (Py_ssize_t j = 0; grads && j < jobs; ++j) {
+    PyObject *g = PyObject_GetAttr(PyList_GET_ITEM(items, j), s_grad);
+    if (!g) Py_CLEAR(grads);
+    else PyList_SET_ITEM(grads, j, g);
+  }
+  if (!grads) return NULL;
+  PyObject *result = check_and_run(grads, expected, threads, min_per_thread, want_grad_sq);
+  Py_DECREF(grads);
+  return result;
+}
+
+/* Whether `value` (a dict's entry, NULL when absent) equals `expected` (None standing for absent). */
+static int same_entry(PyObject *value, PyObject *expected) {
+  if (!value) return expected == Py_None;
+  return value == expected || PyObject_RichCompareBool(value, expected, Py_EQ) == 1;
+}
+
+/* same_signature(param_groups, signature) -> bool
+ * Whether plan_cache.plan_signature(optimizer) would equal `signature` now, read without building it: each
+ * group's parameters are the same objects in the same order, with the same requires_grad and dtype, and the
+ * same weight_decay, maximize and decoupled_weight_decay. Anything unexpected reads as "not the same". */
+static PyObject *same_signature(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyList_Check(args[0]) || !PyTuple_Check(args[1])) Py_RETURN_FALSE;
+  PyObject *groups = args[0], *signature = args[1];
+  Py_ssize_t count = PyList_GET_SIZE(groups);
+  if (PyTuple_GET_SIZE(signature) != count) Py_RETURN_FALSE;
+  PyObject *keys[] = {s_weight_decay, s_maximize, s_decoupled_weight_decay};
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject *group = PyList_GET_ITEM(groups, i), *expected = PyTuple_GET_ITEM(signature, i);
+    if (!PyDict_Check(group) || !PyTuple_Check(expected) || PyTuple_GET_SIZE(expected) != 5) Py_RETURN_FALSE;
+    PyObject *params = PyDict_GetItemWithError(group, s_params);
+    PyObject *ids = PyTuple_GET_ITEM(expected, 0), *flags = PyTuple_GET_ITEM(expected, 1);
+    if (!params || !PyList_Check(params) || !PyTuple_Check(ids) || !PyTuple_Check(flags)) goto different;
+    Py_ssize_t n = PyList_GET_SIZE(params);
+    if (PyTuple_GET_SIZE(ids) != n || PyTuple_GET_SIZE(flags) != n) goto different;
+    for (Py_ssize_t k = 0; k < n; ++k) {
+      PyObject *param = PyList_GET_ITEM(params, k), *flag = PyTuple_GET_ITEM(flags, k);
+      if (PyLong_AsVoidPtr(PyTuple_GET_ITEM(ids, k)) != (void *)param) goto different;
+      if (!PyTuple_Check(flag) || PyTuple_GET_SIZE(flag) != 2) goto different;
+      PyObject *requires_grad = PyObject_GetAttr(param, s_requires_grad);
+      int same = requires_grad == PyTuple_GET_ITEM(flag, 0);
+      Py_XDECREF(requires_grad);
+      PyObject *dtype = same ? PyObject_GetAttr(param, s_dtype) : NULL;
+      same = same && dtype == PyTuple_GET_ITEM(flag, 1);
+      Py_XDECREF(dtype);
+      if (!same) goto different;
+    }
+    for (int key = 0; key < 3; ++key) {
+      PyObject *value = PyDict_GetItemWithError(group, keys[key]); /* borrowed; NULL when absent */
+      if (!same_entry(value, PyTuple_GET_ITEM(expected, 2 + key))) goto different;
+    }
+  }
+  Py_RETURN_TRUE;
+different:
+  PyErr_Clear();
+  Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
+    {"same_signature", (PyCFunction)(void (*)(void))same_signature, METH_FASTCALL,
+     "Whether an optimizer's param groups still have this plan signature."},
     {"checked_centralize", (PyCFunction)(void (*)(void))checked_centralize, METH_FASTCALL,
      "Check every gradient against its job's planned geometry; if all match, centralize them in one call."},
     {NULL, NULL, 0, NULL}};
@@ -153,11 +250,11 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lightning_gc_native", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__lightning_gc_native(void) {
-  const char *names[] = {"dtype", "shape", "requires_grad", "is_cpu", "stride", "storage_offset",
+  const char *names[] = {"weight_decay", "maximize", "decoupled_weight_decay", "params", "grad", "dtype", "shape", "requires_grad", "is_cpu", "stride", "storage_offset",
                          "untyped_storage", "nbytes", "data_ptr", "detach"};
-  PyObject **slots[] = {&s_dtype, &s_shape, &s_requires_grad, &s_is_cpu, &s_stride, &s_storage_offset,
+  PyObject **slots[] = {&s_weight_decay, &s_maximize, &s_decoupled_weight_decay, &s_params, &s_grad, &s_dtype, &s_shape, &s_requires_grad, &s_is_cpu, &s_stride, &s_storage_offset,
                         &s_untyped_storage, &s_nbytes, &s_data_ptr, &s_detach};
-  for (int i = 0; i < 10; ++i)
+  for (int i = 0; i < (int)(sizeof(slots) / sizeof(*slots)); ++i)
     if (!(*slots[i] = PyUnicode_InternFromString(names[i]))) return NULL;
   return PyModule_Create(&module);
 }

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 SOURCE = Path(__file__).with_name("kernel.c")
 BINDING = Path(__file__).with_name("binding.c")
@@ -82,6 +83,9 @@ class Kernel:
         self.path = path
         self.checked_centralize: Callable[..., tuple[float, float, int] | None] | None = (
             binding.checked_centralize if binding is not None else None
+        )
+        self.same_signature: Callable[[list[Any], tuple[Any, ...]], bool] | None = (
+            binding.same_signature if binding is not None else None
         )
         self.supports_float16 = bool(library.lgc_supports_float16())
         int64_array = ctypes.POINTER(ctypes.c_int64)

@@ -131,7 +131,7 @@ class NativeRoute:
         )
         weights = [p if d else None for p, d in zip(self.params, self.decay)]
         self._expected = (Tensor, self._dtype, self._shape, self._stride, self._bytes, self._element_size, weights,
-                          *[ctypes.addressof(table) for table in tables])  # fmt: skip
+                          *[ctypes.addressof(table) for table in tables], torch._C._increment_version)  # fmt: skip
 
     def run(
         self,
@@ -190,25 +190,25 @@ class NativeRoute:
         return declined
 
     def run_checked(
-        self, jobs: Sequence[Tensor | None], grad_scale: float, want_grad_sq: bool
+        self, items: Sequence[Tensor | None], grad_scale: float, want_grad_sq: bool, from_params: bool = False
     ) -> tuple[float, float, int] | None:
         """Every check and the kernel in one C call (``binding.c``), for the jobs' gradients in job order.
 
-        Returns ``(removed_sq, grad_sq, live)`` (``grad_sq`` 0 unless wanted; ``live``: gradients centralized),
-        or ``None`` when the binding is not built or some gradient (or decay weight) is not exactly as planned:
-        then nothing was written, and :meth:`run` checks them one by one.
+        ``items`` are the gradients (``None``: skip the job), or with ``from_params`` the jobs' parameters,
+        whose ``.grad`` the binding reads itself. Returns ``(removed_sq, grad_sq, live)`` (``grad_sq`` 0
+        unless wanted; ``live``: gradients centralized, their version counters bumped), or ``None`` when the
+        binding is not built or some gradient (or decay weight) is not exactly as planned: then nothing was
+        written, and :meth:`run` checks them one by one.
         """
         checked = self.kernel.checked_centralize
         if checked is None:
             return None
         for j in self.decayed:
             self._coefficients[j] = self.decay[j] * grad_scale
-        as_list = jobs if type(jobs) is list else list(jobs)
-        done = checked(as_list, self._expected, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD, want_grad_sq)
-        if done is not None and done[2]:
-            live: list[Tensor] = [g for g in as_list if g is not None] if done[2] < len(as_list) else as_list  # type: ignore[assignment]
-            torch._C._increment_version(live)  # written behind autograd's back: say so, as in-place ops do
-        return done
+        as_list = items if type(items) is list else list(items)
+        return checked(
+            as_list, self._expected, torch.get_num_threads(), MIN_ENTRIES_PER_THREAD, want_grad_sq, from_params
+        )
 
     def _all_as_planned(self, jobs: Sequence[Tensor | None]) -> bool:
         """Whether every job's gradient is present and exactly as planned, checked with C-level iteration."""
