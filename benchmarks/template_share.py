@@ -5,8 +5,11 @@ folder and trained in this process through its own LightningCLI classes and conf
 config's TensorBoard logger and ``log_every_n_steps``; only the length (``max_steps``), validation (off) and
 data-loader workers (none) are overridden. A timing callback records each training batch from
 ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, GC, optimizer step: Lightning's
-``run_training_batch``) and the GC callback's ``on_before_optimizer_step`` (wrapped), by wall clock and by the
-main thread's CPU time. The first step builds the plan and is left out (also reported with it).
+``run_training_batch``) and the time spent in the GC callback's per-step work, by wall clock and by the main
+thread's CPU time: its ``on_before_optimizer_step`` and ``on_train_batch_end`` hooks, and its handing of
+waiting TensorBoard events to the writer wherever that happens (a full batch, an epoch's end, teardown:
+``_flush_events``), so that work deferred out of the step is still counted. The first step builds the plan
+and is left out (also reported with it).
 """
 
 from __future__ import annotations
@@ -46,14 +49,25 @@ class StepTimer(pl.Callback):
         self.batch.append((time.perf_counter() - self._started[0], time.thread_time() - self._started[1]))
 
     def wrap(self, callback: GradientCentralization) -> None:
-        hook = callback.on_before_optimizer_step
+        """Time ``callback``'s per-step work: the step's hook, and the rest added to the step it follows."""
+        self._wrap(callback, "on_before_optimizer_step", new_step=True)
+        for name in ("on_train_batch_end", "_flush_events"):
+            self._wrap(callback, name, new_step=False)
 
-        def timed(*args: Any, **kwargs: Any) -> None:
+    def _wrap(self, callback: GradientCentralization, name: str, new_step: bool) -> None:
+        method = getattr(callback, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
             wall, cpu = time.perf_counter(), time.thread_time()
-            hook(*args, **kwargs)
-            self.hook.append((time.perf_counter() - wall, time.thread_time() - cpu))
+            result = method(*args, **kwargs)
+            spent = (time.perf_counter() - wall, time.thread_time() - cpu)
+            if new_step or not self.hook:
+                self.hook.append(spent)
+            else:  # work of the step before (an epoch-end flush, say) counts for that step
+                self.hook[-1] = (self.hook[-1][0] + spent[0], self.hook[-1][1] + spent[1])
+            return result
 
-        callback.on_before_optimizer_step = timed  # type: ignore[method-assign]
+        setattr(callback, name, timed)
 
 
 @contextlib.contextmanager

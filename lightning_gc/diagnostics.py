@@ -41,11 +41,18 @@ class GCStats:
     skipped: bool = False
     _host_sums: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def set_host_sums(self, grad_sq: float, removed_sq: float) -> None:
-        """Set both squared norms from host floats (the CPU kernel's own sums), kept as floats for the writer."""
-        self.grad_sq = torch.tensor(grad_sq, dtype=torch.float32)
-        self.removed_sq = torch.tensor(removed_sq, dtype=torch.float32)
-        self._host_sums = (grad_sq, removed_sq)
+    @staticmethod
+    def from_host_sums(tensors: int, elements: int, grad_sq: float, removed_sq: float) -> GCStats:
+        """Stats whose squared norms are host floats (the CPU kernel's own sums); tensors made only if read.
+
+        Example:
+            >>> stats = GCStats.from_host_sums(tensors=1, elements=4, grad_sq=4.0, removed_sq=1.0)
+            >>> stats.norms()
+            (2.0, 0.5)
+            >>> stats.removed_norm_ratio
+            tensor(0.5000)
+        """
+        return _HostSums(tensors, elements, grad_sq, removed_sq)
 
     def norms(self) -> tuple[float, float] | None:
         """``(grad_norm, removed_norm_ratio)`` as floats, with at most one host synchronisation; ``None`` if not measured.
@@ -54,10 +61,10 @@ class GCStats:
             >>> GCStats(tensors=1, elements=4, grad_sq=torch.tensor(4.0), removed_sq=torch.tensor(1.0)).norms()
             (2.0, 0.5)
         """
-        if self.grad_sq is None or self.removed_sq is None:
-            return None
         if self._host_sums is not None:
             grad_sq, removed_sq = self._host_sums
+        elif self.grad_sq is None or self.removed_sq is None:
+            return None
         else:
             if _capturing(self.grad_sq.device):
                 raise RuntimeError(
@@ -92,6 +99,44 @@ class GCStats:
         return out
 
 
+class _HostSums(GCStats):
+    """:class:`GCStats` whose squared norms the CPU kernel summed on the host, as floats.
+
+    Their 0-dim tensors are made on first read: making two costs 50-75 us right after backward (the
+    allocator's and dispatcher's code and data out of cache), as much as GC itself on a small model, and
+    the callback's writer reads only the floats (:meth:`norms`).
+    """
+
+    def __init__(self, tensors: int, elements: int, grad_sq: float, removed_sq: float) -> None:
+        self.tensors, self.elements, self.skipped = tensors, elements, False
+        self._host_sums = (grad_sq, removed_sq)
+        self._tensors: list[Tensor | None] | None = None
+
+    @property
+    def grad_sq(self) -> Tensor | None:
+        return self._as_tensors()[0]
+
+    @grad_sq.setter
+    def grad_sq(self, value: Tensor | None) -> None:
+        self._as_tensors()[0] = value
+        self._host_sums = None  # the floats no longer describe what was set
+
+    @property
+    def removed_sq(self) -> Tensor | None:
+        return self._as_tensors()[1]
+
+    @removed_sq.setter
+    def removed_sq(self, value: Tensor | None) -> None:
+        self._as_tensors()[1] = value
+        self._host_sums = None
+
+    def _as_tensors(self) -> list[Tensor | None]:
+        if self._tensors is None:
+            grad_sq, removed_sq = self._host_sums  # type: ignore[misc]  # set until a tensor is
+            self._tensors = [torch.tensor(grad_sq, dtype=torch.float32), torch.tensor(removed_sq, dtype=torch.float32)]
+        return self._tensors
+
+
 class DiagnosticsWriter:
     """Writes GC's diagnostics straight to a trainer's loggers, as Lightning's ``LearningRateMonitor`` does.
 
@@ -115,6 +160,7 @@ class DiagnosticsWriter:
     def __init__(self) -> None:
         self._counts: dict[tuple[str, tuple[int, ...]], tuple[int, int]] = {}
         self._pending: dict[str, GCStats] = {}
+        self._names: dict[str, tuple[str, str, str, str]] = {}  # by prefix: made once, read every logging step
         # by id(logger), with a weak reference to tell a reused id: the logger's one-event writer, if any
         self._scalars: dict[int, tuple[weakref.ref[Any], TensorBoardScalars | None]] = {}
 
@@ -134,14 +180,14 @@ class DiagnosticsWriter:
     def metrics(self, stats: GCStats, prefix: str, loggers_key: tuple[int, ...]) -> dict[str, float]:
         """The values to write for ``stats``: the counts when they changed for these loggers, the norms if measured."""
         out: dict[str, float] = {}
+        names = self._names.get(prefix) or self._names.setdefault(prefix, _metric_names(prefix))
         counts = (stats.tensors, stats.elements)
         if self._counts.get((prefix, loggers_key)) != counts:
             self._counts[(prefix, loggers_key)] = counts
-            out[f"{prefix}centralized_tensors"] = float(stats.tensors)
-            out[f"{prefix}centralized_elements"] = float(stats.elements)
+            out[names[0]], out[names[1]] = float(stats.tensors), float(stats.elements)
         norms = stats.norms()  # the step's one host synchronisation, for both values
         if norms is not None:
-            out[f"{prefix}grad_norm"], out[f"{prefix}removed_norm_ratio"] = norms
+            out[names[2]], out[names[3]] = norms
         return out
 
     def write(self, trainer: pl.Trainer, stats: GCStats, prefix: str = "gc/") -> dict[str, float]:
@@ -173,8 +219,15 @@ class DiagnosticsWriter:
 _TINY = torch.finfo(torch.float32).tiny
 
 
-BATCH_STEPS = 16
-"""Logging steps whose TensorBoard events :class:`TensorBoardScalars` hands over together."""
+def _metric_names(prefix: str) -> tuple[str, str, str, str]:
+    names = ("centralized_tensors", "centralized_elements", "grad_norm", "removed_norm_ratio")
+    return tuple(prefix + name for name in names)  # type: ignore[return-value]
+
+
+BATCH_STEPS = 8
+"""Logging steps whose TensorBoard events :class:`TensorBoardScalars` hands over together: fewer than the
+10 events TensorBoard's writer queue holds (``SummaryWriter(max_queue=10)``), since a full queue makes the
+step wait on the writer thread (16 events at once took 420-530 us of wall clock for 215 us of CPU time)."""
 
 
 class TensorBoardScalars:
@@ -184,7 +237,7 @@ class TensorBoardScalars:
     step and wall time), as one event per step instead of one per scalar, reusing the event object for the
     same tags. Measured right after a backward pass (``benchmarks/template_share.py``), handing TensorBoard
     one event costs 80-100 us (serializing it, then the writer thread's queue), ``log_metrics`` for GC's two
-    norms 175 us; events handed over together cost a few microseconds each after the first. So the events
+    norms 175 us; eight events handed over together 130-180 us in all. So the events
     wait here for :data:`BATCH_STEPS` logging steps, or until :meth:`flush` (the callback flushes at each
     epoch's end, at validation and when training stops): TensorBoard's own writer holds events in memory
     for up to its ``flush_secs`` (120 s by default) before they reach the file. Only for Lightning's own
@@ -248,7 +301,13 @@ class TensorBoardScalars:
 
 
 def _accumulating(trainer: pl.Trainer) -> bool:
-    """Whether Lightning holds this batch's logged metrics back (it logs at the end of accumulation windows)."""
+    """Whether Lightning holds this batch's logged metrics back (it logs at the end of accumulation windows).
+
+    Only a strategy that accumulates itself (DeepSpeed) steps inside a window; elsewhere the optimizer steps,
+    and GC's diagnostics are written, on a window's last batch only, so the loop need not be asked.
+    """
+    if not trainer.strategy.handles_gradient_accumulation:
+        return False
     return bool(trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization)
 
 

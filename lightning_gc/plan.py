@@ -111,10 +111,9 @@ class GCPlan:
             elements = self._numel
         else:
             elements = sum(p.grad.numel() for p in self._params if p.grad is not None)
-        stats = GCStats(tensors=live, elements=elements)
         if compute_stats and live:
-            stats.set_host_sums(grad_sq / grad_scale**2, removed_sq / grad_scale**2)
-        return stats
+            return GCStats.from_host_sums(live, elements, grad_sq / grad_scale**2, removed_sq / grad_scale**2)
+        return GCStats(tensors=live, elements=elements)
 
     def _checked_gradients(self) -> list[Tensor | None]:
         """The ``.grad`` of every target, ``None`` for missing and sparse ones; raises for sharded ones."""

@@ -7,9 +7,10 @@ module. Each call recomputes a cheap signature of the parameters (their ids, ``r
 and the optimizer's decay settings) and re-plans when it changed: a replaced layer or an unfrozen one is
 never missed. A bare iterable of parameters has no owner to key on and is planned on every call.
 
-The last plan returned is remembered beside the table, so the step-after-step case (one optimizer, the
-same options) is one weak reference and two comparisons: the hook runs right after backward has pushed
-the interpreter out of the CPU caches, where every dictionary probe is a cache miss.
+The last plan returned is remembered beside the table (:class:`_LastPlan`), so the step-after-step case
+(one optimizer, the same options) is a few identity checks and the signature read in C, with no key built:
+the hook runs right after backward has pushed the interpreter out of the CPU caches, where every
+dictionary probe and every object built is a cache miss.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class PlanCache:
 
     def __init__(self) -> None:
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._last: tuple[weakref.ref[Any], Hashable, Hashable, weakref.ref[Any]] | None = None
+        self._last: _LastPlan | None = None
         self._same_signature: Callable[[list[Any], tuple[Any, ...]], bool] | None = None
         self.builds = 0  # plans built so far: what tests and diagnostics read to see reuse
 
@@ -61,44 +62,53 @@ class PlanCache:
         warn: Warn | None = None,
     ) -> AppliesGC:
         """The cached plan for these arguments, or a fresh one from ``adapter`` (cached when it has an owner)."""
+        last = self._last
+        if last is not None and optimizer is not None and last.same_call(adapter, config, model_or_params, optimizer):
+            same = self._same_signature  # in C where the kernel's binding is built: reads, builds nothing
+            if same is not None and same(optimizer.param_groups, last.signature):  # type: ignore[arg-type]
+                plan = last.plan()
+                if plan is not None:
+                    return plan
         module = model_or_params if isinstance(model_or_params, nn.Module) else None
         params = None if isinstance(model_or_params, nn.Module) else list(model_or_params)
         owner = optimizer if optimizer is not None else module
         if owner is None:
             return self._build(adapter, config, optimizer, module, params, warn)
         key = (config.plan_key(), type(adapter).__name__, id(module) if optimizer is not None else None)
-        last = self._last
-        if last is not None and params is None and optimizer is not None and last[0]() is owner and last[1] == key:
-            same = self._same_signature  # in C where the kernel's binding is built: reads, builds nothing
-            if same is not None and same(optimizer.param_groups, last[2]):  # type: ignore[arg-type]
-                plan = last[3]()
-                if plan is not None:
-                    return plan  # type: ignore[no-any-return]
         if optimizer is None:
             signature: Hashable = module_signature(module)  # type: ignore[arg-type]
         elif params is not None:  # restricted to these parameters: they are part of the signature
             signature = (plan_signature(optimizer), tuple(map(id, params)))
         else:
             signature = plan_signature(optimizer)
-        if last is not None and last[0]() is owner and last[1] == key and last[2] == signature:
-            plan = last[3]()
+        if last is not None and last.same_call(adapter, config, model_or_params, optimizer) and last.signature == signature:
+            plan = last.plan()
             if plan is not None:
-                return plan  # type: ignore[no-any-return]
+                return plan
         plans: dict[Hashable, tuple[Hashable, AppliesGC]] = self._plans.setdefault(owner, {})  # type: ignore[no-untyped-call]
         cached = plans.get(key)
         if cached is not None and cached[0] == signature:
-            self._remember(owner, key, signature, cached[1])
+            self._remember(adapter, config, model_or_params, optimizer, signature, cached[1])
             return cached[1]
         plan = self._build(adapter, config, optimizer, module, params, warn)
         selection = getattr(plan, "selection", None)
         if selection is None or not selection.provisional:  # Lazy layers keep their ids when they get a shape
             plans[key] = (signature, plan)
-            self._remember(owner, key, signature, plan)
+            self._remember(adapter, config, model_or_params, optimizer, signature, plan)
         return plan
 
-    def _remember(self, owner: object, key: Hashable, signature: Hashable, plan: AppliesGC) -> None:
-        """The fast path's entry: weak, so that it keeps neither the owner nor the plan alive."""
-        self._last = (weakref.ref(owner), key, signature, weakref.ref(plan))
+    def _remember(
+        self,
+        adapter: LayoutAdapter,
+        config: GCConfig,
+        model_or_params: nn.Module | Sequence[nn.Parameter],
+        optimizer: Optimizer | None,
+        signature: Hashable,
+        plan: AppliesGC,
+    ) -> None:
+        """The fast path's entry, for the call that returned ``plan``."""
+        module = model_or_params if isinstance(model_or_params, nn.Module) else None
+        self._last = _LastPlan(adapter, config, module, optimizer, signature, plan) if module is not None else None
         if self._same_signature is None:
             self._same_signature = _same_signature()
 
@@ -137,6 +147,47 @@ class PlanCache:
     def __len__(self) -> int:
         """How many owners have plans."""
         return len(self._plans)
+
+
+class _LastPlan:
+    """The last plan returned and the call it answered, matched by identity: it keeps no model alive."""
+
+    __slots__ = ("adapter_type", "config", "module", "optimizer", "plan", "signature")
+
+    def __init__(
+        self,
+        adapter: LayoutAdapter,
+        config: GCConfig,
+        module: nn.Module,
+        optimizer: Optimizer | None,
+        signature: Hashable,
+        plan: AppliesGC,
+    ) -> None:
+        self.adapter_type = type(adapter)
+        self.config = config
+        self.module = weakref.ref(module)
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else _no_optimizer
+        self.signature = signature
+        self.plan: weakref.ref[AppliesGC] = weakref.ref(plan)
+
+    def same_call(
+        self,
+        adapter: LayoutAdapter,
+        config: GCConfig,
+        model_or_params: nn.Module | Sequence[nn.Parameter],
+        optimizer: Optimizer | None,
+    ) -> bool:
+        """Whether a call with these arguments asks for the same plan, if the parameters' signature is unchanged."""
+        return (
+            self.module() is model_or_params
+            and self.optimizer() is optimizer
+            and type(adapter) is self.adapter_type
+            and (config is self.config or config.plan_key() == self.config.plan_key())  # frozen: same object, same key
+        )
+
+
+def _no_optimizer() -> None:
+    return None
 
 
 def plan_signature(optimizer: Optimizer) -> Hashable:

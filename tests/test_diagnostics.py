@@ -6,11 +6,13 @@ import math
 from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import Logger
 from models import GradRecorder, TinyModule, loader, make_batches, trainer
 
 from lightning_gc import GradientCentralization
+from lightning_gc.diagnostics import GCStats
 
 
 class RecordingLogger(Logger):
@@ -154,3 +156,13 @@ def test_waiting_tensorboard_events_reach_the_writer_at_each_epoch_end(tmp_path)
     t.fit(TinyModule(), loader(make_batches(5)))
     assert probe.seen == [5, 10]
     assert [s for s, _, _ in tensorboard_scalars(tmp_path)["gc/grad_norm"]] == list(range(10))
+
+
+def test_stats_from_host_sums_make_their_tensors_only_when_read_and_follow_what_is_set():
+    stats = GCStats.from_host_sums(tensors=2, elements=8, grad_sq=9.0, removed_sq=1.0)
+    assert stats.norms() == (3.0, 1.0 / 3.0)
+    assert isinstance(stats.grad_sq, torch.Tensor) and stats.grad_sq.item() == 9.0
+    assert stats.removed_norm_ratio is not None
+    assert math.isclose(stats.removed_norm_ratio.item(), 1.0 / 3.0, rel_tol=1e-6)
+    stats.grad_sq = torch.tensor(4.0)
+    assert stats.norms() == (2.0, 0.5)  # the floats no longer describe the stats: the tensors are read

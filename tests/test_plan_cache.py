@@ -91,6 +91,25 @@ def test_optimizer_plans_are_keyed_on_the_module_and_the_param_groups():
     assert cache.plan(DenseAdapter(), GCConfig(), model, optimizer) is not first
 
 
+def test_the_remembered_plan_answers_only_the_same_call():
+    """The last plan is matched by identity first: another adapter or a restriction to some parameters is not it."""
+
+    class OtherAdapter(DenseAdapter):
+        pass
+
+    cache = PlanCache()
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = GCConfig()
+    first = cache.plan(DenseAdapter(), config, model, optimizer)
+    assert cache.plan(DenseAdapter(), config, model, optimizer) is first
+    assert cache.plan(OtherAdapter(), config, model, optimizer) is not first
+    restricted = cache.plan(DenseAdapter(), config, [model[0].weight], optimizer)
+    assert [t.param for t in restricted.targets] == [model[0].weight]  # type: ignore[attr-defined]
+    assert cache.plan(DenseAdapter(), GCConfig(), model, optimizer) is first  # an equal config: the same plan
+    assert cache.builds == 3
+
+
 def _in_place_changes() -> dict[str, object]:
     """Changes to an optimizer's parameters that keep the optimizer, its param_groups list and each group."""
 
