@@ -81,7 +81,11 @@ class PlanCache:
             signature = (plan_signature(optimizer), tuple(map(id, params)))
         else:
             signature = plan_signature(optimizer)
-        if last is not None and last.same_call(adapter, config, model_or_params, optimizer) and last.signature == signature:
+        if (
+            last is not None
+            and last.same_call(adapter, config, model_or_params, optimizer)
+            and last.signature == signature
+        ):
             plan = last.plan()
             if plan is not None:
                 return plan
