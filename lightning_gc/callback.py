@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_debug, rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_gc.config import ApplyTo, GCConfig, check_bool
 from lightning_gc.diagnostics import DiagnosticsWriter, GCStats
@@ -128,9 +129,11 @@ class GradientCentralization(Callback):
         return self._plans.plans()
 
     @property
+    @override
     def state_key(self) -> str:
         return self._state_key
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._update is not None:
             check_strategy(trainer.strategy)
@@ -139,6 +142,7 @@ class GradientCentralization(Callback):
         self._plans.clear()
         warn_if_compile_unused(self.config, self._adapter, rank_zero_warn)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._update is not None:  # the update placement runs in the optimizers' own step hooks
             self._update.attach(trainer.optimizers, pl_module, rank_zero_warn, getattr(trainer.strategy, "model", None))
@@ -161,21 +165,26 @@ class GradientCentralization(Callback):
             rank_zero_debug(report.table())
         _log_text(trainer, "gc/selection", report.markdown())
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_events()
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_events()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._flush_events()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._flush_events()
         if self._update is not None:
             self.optimizer_steps += self._update.steps
             self._update.detach()
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -192,9 +201,11 @@ class GradientCentralization(Callback):
         if log:
             self._log(pl_module, trainer, optimizer, stats)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.key(), "optimizer_steps": self.optimizer_steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer_steps = state_dict.get("optimizer_steps", 0)
 
@@ -204,6 +215,7 @@ class GradientCentralization(Callback):
             self._scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         return self._plans.plan(self._adapter, self.config, module, optimizer, rank_zero_warn)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
