@@ -255,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " 2,000 tensors takes minutes); the first call's compile time is reported",
     )  # fmt: skip
     parser.add_argument(
-        "--training-steps", type=int, default=60,
+        "--training-steps", type=int, default=120,
         help="steps per shipped template (rendered, its configs/gc.yaml) for the callback's share; 0 skips",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")

@@ -108,6 +108,9 @@ def plan_for(
         raise ValueError(
             f"`model_or_params` must be an nn.Module or an iterable of parameters, got {model_or_params!r}"
         )
+    repeated = _PLANS.repeated(config, target, optimizer)  # the step-after-step case: not even the adapter to decide
+    if repeated is not None:
+        return repeated
     adapter = adapter_for_model(target)
     before = _PLANS.builds
     plan = _PLANS.plan(adapter, config, target, optimizer, warn)

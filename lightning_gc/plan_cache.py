@@ -62,13 +62,10 @@ class PlanCache:
         warn: Warn | None = None,
     ) -> AppliesGC:
         """The cached plan for these arguments, or a fresh one from ``adapter`` (cached when it has an owner)."""
+        plan = self.repeated(config, model_or_params, optimizer, adapter)
+        if plan is not None:
+            return plan
         last = self._last
-        if last is not None and optimizer is not None and last.same_call(adapter, config, model_or_params, optimizer):
-            same = self._same_signature  # in C where the kernel's binding is built: reads, builds nothing
-            if same is not None and same(optimizer.param_groups, last.signature):  # type: ignore[arg-type]
-                plan = last.plan()
-                if plan is not None:
-                    return plan
         module = model_or_params if isinstance(model_or_params, nn.Module) else None
         params = None if isinstance(model_or_params, nn.Module) else list(model_or_params)
         owner = optimizer if optimizer is not None else module
@@ -100,6 +97,29 @@ class PlanCache:
             plans[key] = (signature, plan)
             self._remember(adapter, config, model_or_params, optimizer, signature, plan)
         return plan
+
+    def repeated(
+        self,
+        config: GCConfig,
+        model_or_params: nn.Module | Sequence[nn.Parameter],
+        optimizer: Optimizer | None,
+        adapter: LayoutAdapter | None = None,
+    ) -> AppliesGC | None:
+        """The last plan returned, if this call asks for it again, else ``None``: the same module, optimizer,
+        options (and adapter type, if given), and the optimizer's parameters unchanged.
+
+        Without ``adapter`` this also stands for the adapter decision: every change of adapter (FSDP's flat
+        parameters, a DTensor's, a DeepSpeed engine passed instead of its module) changes the parameters.
+        Only with an optimizer, whose param groups the binding reads in C where it is built; a module alone
+        would need its tree walked.
+        """
+        last = self._last
+        if last is None or optimizer is None or not last.same_call(adapter, config, model_or_params, optimizer):
+            return None
+        same = self._same_signature
+        if same is None or not same(optimizer.param_groups, last.signature):  # type: ignore[arg-type]
+            return None
+        return last.plan()
 
     def _remember(
         self,
@@ -176,7 +196,7 @@ class _LastPlan:
 
     def same_call(
         self,
-        adapter: LayoutAdapter,
+        adapter: LayoutAdapter | None,
         config: GCConfig,
         model_or_params: nn.Module | Sequence[nn.Parameter],
         optimizer: Optimizer | None,
@@ -185,7 +205,7 @@ class _LastPlan:
         return (
             self.module() is model_or_params
             and self.optimizer() is optimizer
-            and type(adapter) is self.adapter_type
+            and (adapter is None or type(adapter) is self.adapter_type)
             and (config is self.config or config.plan_key() == self.config.plan_key())  # frozen: same object, same key
         )
 

@@ -244,3 +244,25 @@ def test_the_binding_reads_the_signature_as_plan_signature_compares_it():
         expected = plan_signature(optimizer) == before
         assert fused.same_signature(optimizer.param_groups, before) is expected, name
         assert expected is (name in ("nothing", "lr (not in the signature)")), name
+
+
+def test_the_functional_path_decides_the_adapter_again_only_when_the_parameters_change(monkeypatch):
+    """A repeated call skips the adapter decision (a walk of the module tree); any parameter change redoes it."""
+    import lightning_gc.functional as functional
+
+    decided: list[object] = []
+    decide = functional.adapter_for_model
+    monkeypatch.setattr(functional, "adapter_for_model", lambda target: decided.append(target) or decide(target))
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = _grads(model, seed=0)
+    for _ in range(3):
+        centralize_gradients(model, optimizer=optimizer)
+    assert len(decided) == 1
+    expected = grads["0.weight"] - grads["0.weight"].mean(dim=1, keepdim=True)
+    torch.testing.assert_close(model[0].weight.grad.double(), expected, rtol=1e-5, atol=1e-6)
+    model[1].weight.requires_grad_(False)
+    centralize_gradients(model, optimizer=optimizer)
+    assert len(decided) == 2
+    centralize_gradients(model)  # no optimizer: the module's signature, read through the cache's table
+    assert len(decided) == 3
