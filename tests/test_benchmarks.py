@@ -53,3 +53,15 @@ def test_parameter_sets_have_the_real_models_sizes():
     assert (len(gpt2_small_shapes()), count_parameters(gpt2_small_shapes())) == (148, 124_439_808)  # HF gpt2
     assert sum(len(s) >= 2 for s in resnet50_shapes()) == 54  # 53 convolutions and the classifier
     assert many_small_shapes() == [(64, 64)] * 2000
+
+
+def test_the_per_call_benchmark_prints_every_figure_for_both_shapes():
+    script = SCRIPT.parent / "per_call.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--rounds", "2", "--tensors", "20"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("kernel: ") and len(lines) == 3
+    for line in lines[1:]:
+        assert "plan.apply us per tensor" in line and "centralize_gradients / floor" in line

@@ -7,6 +7,12 @@ unit and subtracts its mean while the unit is still in cache: one read and one w
 (:mod:`lightning_gc.native.build`); where there is no compiler, or with ``LIGHTNING_GC_NATIVE=0``, the
 eager route runs with the same results up to summation order. :func:`status` says which one is in use.
 
+Where the interpreter's ``Python.h`` is installed, ``binding.c`` is compiled into the same library: one C
+call per step reads every planned ``.grad``, checks it against its job's geometry (type, dtype, shape,
+strides, storage span) and runs the kernel, so the per-step Python does not grow with the number of
+tensors. Without the header, or with ``LIGHTNING_GC_NATIVE_BINDING=0``, the same checks run in Python and
+the kernel is called through ctypes.
+
 Example:
     >>> from lightning_gc import native
     >>> native.status().available in (True, False)
