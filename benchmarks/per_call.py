@@ -52,7 +52,9 @@ def main() -> None:
     if args.rounds < 1 or args.tensors < 1:
         parser.error(f"--rounds and --tensors must be >= 1, got {args.rounds} and {args.tensors}")
     torch.set_num_threads(1)
-    print(f"kernel: {native.status().reason}; {args.tensors} tensors, {args.rounds} interleaved rounds, thread CPU time")
+    print(
+        f"kernel: {native.status().reason}; {args.tensors} tensors, {args.rounds} interleaved rounds, thread CPU time"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bare weights have no registered layer: "assumed dim 0" is expected
         for shape in ((4, 4), (64, 64)):
