@@ -119,7 +119,9 @@ def test_destination_whose_parent_cannot_be_written(tmp_path: Path, capsys: pyte
 
 
 _SLOW_RENDER = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal, even where the suite was started in the background (which inherits SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from lightning_gc import templating
 write = templating._write_file
 def slow_write(*args):
