@@ -193,8 +193,7 @@ class GradientCentralization(Callback):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer in some call paths
         plan = self._plan_for(optimizer, pl_module, trainer)
         log = self.log_diagnostics and _is_log_step(trainer) and bool(trainer.loggers)
-        scale = 1.0 if self._scaler is None else _grad_scale(self._scaler, optimizer)
-        stats = plan.apply(compute_stats=log, grad_scale=scale)
+        stats = plan.apply(compute_stats=log, grad_scale=_grad_scale(self._scaler, optimizer))
         if stats.skipped:  # DeepSpeed: the hook runs per micro-batch, steps only at boundaries
             return
         self.optimizer_steps += 1
@@ -264,11 +263,11 @@ def _log_text(trainer: pl.Trainer, tag: str, text: str) -> None:
             logger.experiment.add_text(tag, text, global_step=trainer.global_step)
 
 
-def _grad_scale(scaler: object, optimizer: Optimizer) -> float:
+def _grad_scale(scaler: Any, optimizer: Optimizer) -> float:
     """The loss scale still in the gradients: non-1 only for fused optimizers under fp16 AMP.
 
     Lightning unscales before the hook unless the optimizer unscales inside its own ``step``.
     """
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return 1.0
-    return float(scaler.get_scale())  # type: ignore[attr-defined]
+    return float(scaler.get_scale())

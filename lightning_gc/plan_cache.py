@@ -89,13 +89,13 @@ class PlanCache:
         plans: dict[Hashable, tuple[Hashable, AppliesGC]] = self._plans.setdefault(owner, {})  # type: ignore[no-untyped-call]
         cached = plans.get(key)
         if cached is not None and cached[0] == signature:
-            self._remember(adapter, config, model_or_params, optimizer, signature, cached[1])
+            self._remember(adapter, config, module, optimizer, signature, cached[1])
             return cached[1]
         plan = self._build(adapter, config, optimizer, module, params, warn)
         selection = getattr(plan, "selection", None)
         if selection is None or not selection.provisional:  # Lazy layers keep their ids when they get a shape
             plans[key] = (signature, plan)
-            self._remember(adapter, config, model_or_params, optimizer, signature, plan)
+            self._remember(adapter, config, module, optimizer, signature, plan)
         return plan
 
     def repeated(
@@ -125,13 +125,12 @@ class PlanCache:
         self,
         adapter: LayoutAdapter,
         config: GCConfig,
-        model_or_params: nn.Module | Sequence[nn.Parameter],
+        module: nn.Module | None,
         optimizer: Optimizer | None,
         signature: Hashable,
         plan: AppliesGC,
     ) -> None:
-        """The fast path's entry, for the call that returned ``plan``."""
-        module = model_or_params if isinstance(model_or_params, nn.Module) else None
+        """The fast path's entry, for the call that returned ``plan`` (none for a call restricted to parameters)."""
         self._last = _LastPlan(adapter, config, module, optimizer, signature, plan) if module is not None else None
         if self._same_signature is None:
             self._same_signature = _same_signature()
